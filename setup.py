@@ -1,0 +1,51 @@
+"""Build the compiled core: every src/_*.pyx becomes kvmdirty._<name>.
+
+Project-wide Cython directives live here and only here.
+  KVMDIRTY_DEBUG=1     bounds/wraparound/initialized checks on, -O0 -g
+  KVMDIRTY_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer
+"""
+import glob
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("KVMDIRTY_DEBUG") == "1"
+SANITIZE = os.environ.get("KVMDIRTY_SANITIZE") == "1"
+
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "embedsignature": True,
+}
+
+cflags = ["-O0", "-g"] if DEBUG else ["-O3"]
+cflags += ["-Wno-unused-function", "-Wno-unreachable-code"]
+ldflags = []
+if SANITIZE:
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    cflags += san + ["-g"]
+    ldflags += san
+
+
+def extension(pyx: str) -> Extension:
+    name = os.path.splitext(os.path.basename(pyx))[0]
+    return Extension(
+        f"kvmdirty.{name}",
+        [pyx],
+        include_dirs=["src"],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+
+
+setup(
+    ext_modules=cythonize(
+        [extension(p) for p in sorted(glob.glob("src/_*.pyx"))],
+        include_path=["src"],
+        compiler_directives=DIRECTIVES,
+    ),
+)

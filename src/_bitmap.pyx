@@ -1,0 +1,347 @@
+"""Dirty-bitmap word kernels and DirtyBitmap.
+
+A bitmap is one bit per page in little-endian 64-bit words, as KVM's
+memslot->dirty_bitmap.  The kernels work on any C-contiguous, 8-byte aligned
+uint64 buffer (numpy array, mmap through memoryview.cast('Q'), ...).  They
+validate everything first, then run with the GIL released; each shared word
+is read-modified-written atomically (src/_atomic.h), zero words are skipped
+with a vectorised hint read (src/_scan.h).
+"""
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_CheckExact
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+
+import numpy as np
+
+from _atomic cimport (kd_xchg_u64, kd_fetch_or_u64, kd_fetch_andnot_u64,
+                      kd_load_acquire_u64, kd_popcount64, kd_ctz64)
+from _scan cimport kd_next_nonzero
+from _sink cimport kd_sink, KD_SINK_CAPSULE
+
+# How a harvest hands (word, mask) batches on.
+cdef enum SinkKind:
+    SINK_NONE = 0
+    SINK_WORDS = 1      # a writable-bits array: and-not the mask into it
+    SINK_C = 2          # a kd_sink from a capsule (e.g. the simulated MMU)
+    SINK_PY = 3         # a Python callable(word_index, mask), GIL held
+
+
+cdef int _check_aligned(const uint64_t[::1] w, str name) except -1:
+    if w.shape[0] and (<uintptr_t>&w[0]) % 8:
+        raise ValueError(f"{name} must be 8-byte aligned for atomic access")
+    return 0
+
+
+cdef inline size_t nwords_for(uint64_t npages) noexcept nogil:
+    return <size_t>((npages + 63) >> 6)
+
+
+cdef class _Sink:
+    """A resolved write-protect sink (validated at the def boundary)."""
+    cdef SinkKind kind
+    cdef uint64_t *words
+    cdef size_t nwords
+    cdef kd_sink *c
+    cdef object py
+    cdef object keep
+
+    cdef int resolve(self, object sink, size_t nwords) except -1:
+        cdef uint64_t[::1] w
+        self.keep = sink
+        if sink is None:
+            self.kind = SINK_NONE
+            return 0
+        cap = getattr(sink, "_kd_sink", None)
+        if cap is not None and PyCapsule_CheckExact(cap):
+            self.c = <kd_sink *>PyCapsule_GetPointer(cap, KD_SINK_CAPSULE)
+            self.kind = SINK_C
+            return 0
+        if callable(sink):
+            self.kind = SINK_PY
+            self.py = sink
+            return 0
+        try:
+            w = sink
+        except (TypeError, ValueError, BufferError) as e:
+            raise TypeError("sink must be None, a writable uint64 buffer, "
+                            "an object with a kd_sink capsule, or a callable(word, mask)") from e
+        _check_aligned(w, "sink")
+        if <size_t>w.shape[0] < nwords:
+            raise ValueError(f"sink buffer has {w.shape[0]} words, needs {nwords}")
+        self.kind = SINK_WORDS
+        self.words = &w[0] if w.shape[0] else NULL
+        self.nwords = w.shape[0]
+        return 0
+
+
+cdef inline void _sink_protect(_Sink s, uint32_t slot, size_t i, uint64_t mask) noexcept nogil:
+    if s.kind == SINK_WORDS:
+        # Masked write-protect: one atomic and-not of the mask into the W bits.
+        kd_fetch_andnot_u64(&s.words[i], mask)
+    elif s.kind == SINK_C:
+        s.c.protect(s.c.ctx, slot, <uint64_t>i * 64, mask)
+
+
+cdef size_t _harvest(uint64_t *w, uint64_t *snap, size_t n, bint zeroed,
+                     _Sink s, uint32_t slot) noexcept nogil:
+    cdef size_t i = 0, j, pages = 0
+    cdef uint64_t mask
+    while True:
+        j = kd_next_nonzero(w, i, n)
+        if not zeroed:
+            while i < j:
+                snap[i] = 0
+                i += 1
+        if j >= n:
+            break
+        # xchg: the one access that decides what this harvest owns; a bit
+        # set after it belongs to the next harvest.  Pairs with the vCPU's
+        # fetch-or in mark-dirty.
+        mask = kd_xchg_u64(&w[j], 0)
+        snap[j] = mask
+        if mask:
+            pages += kd_popcount64(mask)
+            _sink_protect(s, slot, j, mask)
+        i = j + 1
+    return pages
+
+
+def harvest(uint64_t[::1] words not None, uint64_t[::1] snapshot not None,
+            sink=None, *, bint zeroed=False, unsigned int slot=0):
+    """Exchange every non-zero word with 0 into ``snapshot``; return the dirty page count.
+
+    Each ``(word_index, mask)`` harvested is handed to ``sink``: a writable
+    uint64 buffer of write bits (the mask is and-not'ed into it), an object
+    with a ``_kd_sink`` capsule (called as ``protect(slot, word*64, mask)``),
+    or a Python callable ``sink(word_index, mask)``.  With ``zeroed=True`` the
+    snapshot is known to be all zeros and only dirty words are written.
+    """
+    cdef size_t n = words.shape[0], i, pages = 0
+    cdef uint64_t mask
+    cdef _Sink s = _Sink()
+    _check_aligned(words, "words")
+    if <size_t>snapshot.shape[0] != n:
+        raise ValueError(f"snapshot has {snapshot.shape[0]} words, words has {n}")
+    s.resolve(sink, n)
+    if n == 0:
+        return 0
+    if s.kind != SINK_PY:
+        with nogil:
+            pages = _harvest(&words[0], &snapshot[0], n, zeroed, s, slot)
+        return pages
+    for i in range(n):
+        mask = kd_xchg_u64(&words[i], 0) if words[i] else 0
+        if mask or not zeroed:
+            snapshot[i] = mask
+        if mask:
+            pages += kd_popcount64(mask)
+            s.py(i, mask)
+    return pages
+
+
+def clear_masked(uint64_t[::1] words not None, const uint64_t[::1] masks not None,
+                 size_t first_word=0, uint64_t[::1] out=None, sink=None,
+                 *, unsigned int slot=0):
+    """Atomically clear ``masks[i]`` from ``words[first_word + i]``.
+
+    Only bits that really were set count: they are written to ``out`` (if
+    given), handed to ``sink`` (as in :func:`harvest`) and their number is returned.
+    """
+    cdef size_t n = masks.shape[0], i, pages = 0
+    cdef uint64_t m, cleared
+    cdef _Sink s = _Sink()
+    _check_aligned(words, "words")
+    if first_word > <size_t>words.shape[0] or n > <size_t>words.shape[0] - first_word:
+        raise ValueError(f"masks[{n}] at word {first_word} runs past {words.shape[0]} words")
+    if out is not None and <size_t>out.shape[0] < n:
+        raise ValueError(f"out has {out.shape[0]} words, needs {n}")
+    s.resolve(sink, words.shape[0])
+    if s.kind == SINK_WORDS and s.nwords < first_word + n:
+        raise ValueError("sink buffer is shorter than the range cleared")
+    if n == 0:
+        return 0
+    if s.kind != SINK_PY:
+        with nogil:
+            for i in range(n):
+                m = masks[i]
+                # fetch-and-not returns the old word: only its bits in m were
+                # really cleared (pairs with the vCPU's fetch-or).
+                cleared = kd_fetch_andnot_u64(&words[first_word + i], m) & m if m else 0
+                if out is not None:
+                    out[i] = cleared
+                if cleared:
+                    pages += kd_popcount64(cleared)
+                    _sink_protect(s, slot, first_word + i, cleared)
+        return pages
+    for i in range(n):
+        m = masks[i]
+        cleared = kd_fetch_andnot_u64(&words[first_word + i], m) & m if m else 0
+        if out is not None:
+            out[i] = cleared
+        if cleared:
+            pages += kd_popcount64(cleared)
+            s.py(first_word + i, cleared)
+    return pages
+
+
+cdef size_t _popcount(const uint64_t *w, size_t n) noexcept nogil:
+    cdef size_t i = 0, total = 0
+    while True:
+        i = kd_next_nonzero(w, i, n)
+        if i >= n:
+            return total
+        total += kd_popcount64(w[i])
+        i += 1
+
+
+def popcount(const uint64_t[::1] words not None):
+    """Number of set bits."""
+    cdef size_t n = words.shape[0], total = 0
+    if n == 0:
+        return 0
+    with nogil:
+        total = _popcount(&words[0], n)
+    return total
+
+
+cdef size_t _expand(const uint64_t *w, size_t n, uint64_t base, uint64_t *out,
+                    size_t cap) noexcept nogil:
+    cdef size_t i = 0, k = 0
+    cdef uint64_t m
+    while True:
+        i = kd_next_nonzero(w, i, n)
+        if i >= n:
+            return k
+        m = w[i]
+        while m and k < cap:
+            out[k] = base + (<uint64_t>i << 6) + <uint64_t>kd_ctz64(m)
+            k += 1
+            m &= m - 1
+        i += 1
+
+
+def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
+    """The set bits as a uint64 numpy array of page numbers (``base`` + bit index), ascending."""
+    cdef size_t n = words.shape[0], count = 0, got = 0
+    cdef uint64_t[::1] out
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    with nogil:
+        count = _popcount(&words[0], n)
+    arr = np.empty(count, dtype=np.uint64)
+    if count == 0:
+        return arr
+    out = arr
+    with nogil:
+        got = _expand(&words[0], n, base, &out[0], count)
+    # A concurrent writer may have changed the words between the two passes.
+    return arr[:got] if got < count else arr
+
+
+def set_bit(uint64_t[::1] words not None, uint64_t nr):
+    """Atomically set bit ``nr``; return whether it was already set."""
+    _check_aligned(words, "words")
+    if nr >= <uint64_t>words.shape[0] * 64:
+        raise IndexError(f"bit {nr} out of range for {words.shape[0]} words")
+    cdef uint64_t bit = (<uint64_t>1) << (nr & 63)
+    return (kd_fetch_or_u64(&words[nr >> 6], bit) & bit) != 0
+
+
+def test_bit(const uint64_t[::1] words not None, uint64_t nr):
+    """Whether bit ``nr`` is set (load-acquire)."""
+    if nr >= <uint64_t>words.shape[0] * 64:
+        raise IndexError(f"bit {nr} out of range for {words.shape[0]} words")
+    if (<uintptr_t>&words[0]) % 8:
+        raise ValueError("words must be 8-byte aligned for atomic access")
+    return (kd_load_acquire_u64(&words[nr >> 6]) >> (nr & 63)) & 1 == 1
+
+
+def set_bits(uint64_t[::1] words not None, const uint64_t[::1] nrs not None):
+    """Atomically set every bit in ``nrs``; return how many were newly set."""
+    cdef size_t n = nrs.shape[0], i, fresh = 0
+    cdef uint64_t limit = <uint64_t>words.shape[0] * 64, nr, bit
+    _check_aligned(words, "words")
+    for i in range(n):
+        if nrs[i] >= limit:
+            raise IndexError(f"bit {nrs[i]} out of range for {words.shape[0]} words")
+    with nogil:
+        for i in range(n):
+            nr = nrs[i]
+            bit = (<uint64_t>1) << (nr & 63)
+            if not (kd_fetch_or_u64(&words[nr >> 6], bit) & bit):
+                fresh += 1
+    return fresh
+
+
+cdef class DirtyBitmap:
+    """One bit per page of a memslot, KVM layout; thread-safe atomic operations.
+
+    ``words`` is a zero-copy numpy view of the live bitmap.
+    """
+    cdef readonly uint64_t npages
+    cdef object _arr
+    cdef uint64_t[::1] _w
+
+    def __cinit__(self, npages):
+        npages = int(npages)
+        if npages < 0 or npages > (1 << 40):
+            raise ValueError(f"npages must be in [0, 2**40], got {npages}")
+        self.npages = npages
+        self._arr = np.zeros(nwords_for(npages), dtype=np.uint64)
+        self._w = self._arr
+
+    @property
+    def words(self):
+        """The live words (numpy uint64 view, shared with this bitmap)."""
+        return self._arr
+
+    @property
+    def nwords(self):
+        return self._w.shape[0]
+
+    def __len__(self):
+        return self.npages
+
+    def _page(self, gfn):
+        gfn = int(gfn)
+        if gfn < 0 or gfn >= self.npages:
+            raise IndexError(f"page {gfn} out of range [0, {self.npages})")
+        return gfn
+
+    def set(self, gfn):
+        """Mark page ``gfn`` dirty; return whether it already was."""
+        return set_bit(self._w, self._page(gfn))
+
+    def test(self, gfn):
+        return test_bit(self._w, self._page(gfn))
+
+    def set_many(self, gfns):
+        """Mark every page in ``gfns`` dirty; return how many were newly set."""
+        a = np.ascontiguousarray(gfns, dtype=np.uint64)
+        if a.ndim != 1:
+            raise ValueError("gfns must be one-dimensional")
+        if a.size and int(a.max()) >= self.npages:
+            raise IndexError(f"page {int(a.max())} out of range [0, {self.npages})")
+        return set_bits(self._w, a)
+
+    def harvest(self, sink=None, *, unsigned int slot=0):
+        """Take every dirty bit (xchg to 0); return the snapshot as a new uint64 array."""
+        snap = np.zeros(self._w.shape[0], dtype=np.uint64)
+        harvest(self._w, snap, sink, zeroed=True, slot=slot)
+        return snap
+
+    def clear(self, first_page, masks, sink=None, *, unsigned int slot=0):
+        """Clear ``masks`` (uint64 words) from word ``first_page // 64`` on; return pages cleared."""
+        first_page = int(first_page)
+        if first_page < 0 or first_page % 64:
+            raise ValueError("first_page must be a non-negative multiple of 64")
+        m = np.ascontiguousarray(masks, dtype=np.uint64)
+        return clear_masked(self._w, m, first_page // 64, None, sink, slot=slot)
+
+    def to_gfns(self, base=0):
+        return to_gfns(self._w, base)
+
+    def popcount(self):
+        return popcount(self._w)
+
+    def __repr__(self):
+        return f"DirtyBitmap(npages={self.npages}, dirty={self.popcount()})"
