@@ -22,9 +22,9 @@ from posix.mman cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
 from posix.unistd cimport close as c_close
 
 import numpy as np
-cimport numpy as cnp
 
-cnp.import_array()
+from _uapi cimport (KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_FAIL_ENTRY,
+                    KVM_EXIT_INTERNAL_ERROR)
 
 cdef extern from "<sys/ioctl.h>" nogil:
     # request is unsigned long in glibc; _IOR codes do not fit an int.
@@ -47,6 +47,7 @@ cdef extern from "<linux/kvm.h>" nogil:
     const unsigned long KVM_GET_SREGS
     const unsigned long KVM_SET_SREGS
     const int KVM_DIRTY_LOG_PAGE_OFFSET
+    const int KVM_EXIT_UNKNOWN
 
     struct kvm_userspace_memory_region:
         uint32_t slot
@@ -122,7 +123,8 @@ cdef extern from "<linux/kvm.h>" nogil:
         _run_internal internal
         _run_hw hw
 
-DEF _PAGE_SIZE = 4096
+cdef enum:
+    _PAGE_SIZE = 4096
 
 #: Byte offset of the dirty ring in the vCPU fd (KVM_DIRTY_LOG_PAGE_OFFSET pages).
 DIRTY_RING_MMAP_OFFSET = KVM_DIRTY_LOG_PAGE_OFFSET * _PAGE_SIZE
@@ -362,7 +364,7 @@ cdef class Kvm(_Fd):
     def vcpu_mmap_size(self) -> int:
         return self._ioctl_val(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
 
-    def create_vm(self, vm_type=0) -> "Vm":
+    def create_vm(self, vm_type=0):
         cdef unsigned long t = _u32(vm_type, "vm_type")
         cdef Vm vm = Vm.__new__(Vm)
         vm.fd = self._ioctl_val(KVM_CREATE_VM, t, "KVM_CREATE_VM")
@@ -428,10 +430,11 @@ cdef class Vm(_Fd):
         # An unknown slot cannot succeed (only this object creates slots on this
         # fd): the kernel fails before copying, so one scratch word is enough.
         nwords = 1 if entry is None else max(1, (entry[0] + 63) // 64)
-        cdef cnp.ndarray out = np.zeros(nwords, dtype=np.uint64)
+        out = np.zeros(nwords, dtype=np.uint64)
+        cdef uint64_t[::1] view = out
         memset(&log, 0, sizeof(log))
         log.slot = s
-        log.dirty_bitmap = cnp.PyArray_DATA(out)
+        log.dirty_bitmap = &view[0]
         self._ioctl_ptr(KVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG")
         return out
 
@@ -442,18 +445,18 @@ cdef class Vm(_Fd):
         c.slot = _u32(slot, "slot")
         c.first_page = _u64(first_page, "first_page")
         c.num_pages = _u32(num_pages, "num_pages")
-        cdef cnp.ndarray words = _as_words(bitmap)
+        cdef const uint64_t[::1] words = _as_words(bitmap)
         # The kernel reads ALIGN(num_pages, 64) / 8 bytes from the bitmap.
         need = (<uint64_t>c.num_pages + 63) // 64
         if <uint64_t>words.shape[0] < need:
             raise ValueError(f"bitmap has {words.shape[0]} words; num_pages={c.num_pages} needs {need}")
-        c.dirty_bitmap = cnp.PyArray_DATA(words) if words.shape[0] else NULL
+        c.dirty_bitmap = <void *>&words[0] if words.shape[0] else NULL
         self._ioctl_ptr(KVM_CLEAR_DIRTY_LOG, &c, "KVM_CLEAR_DIRTY_LOG")
 
     def reset_dirty_rings(self) -> int:
         return self._ioctl_val(KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS")
 
-    def create_vcpu(self, vcpu_id) -> "Vcpu":
+    def create_vcpu(self, vcpu_id):
         cdef unsigned long i = _u32(vcpu_id, "vcpu_id")
         cdef Vcpu v = Vcpu.__new__(Vcpu)
         v.fd = self._ioctl_val(KVM_CREATE_VCPU, i, "KVM_CREATE_VCPU")
@@ -461,7 +464,7 @@ cdef class Vm(_Fd):
         return v
 
 
-cdef cnp.ndarray _as_words(object bitmap):
+cdef object _as_words(object bitmap):
     """A C-contiguous 1-D uint64 copy/view of `bitmap`; never a lossy cast."""
     arr = np.asarray(bitmap)
     if arr.ndim != 1:
@@ -531,21 +534,21 @@ cdef class Vcpu(_Fd):
         cdef kvm_run *run = self.run_page
         try:
             d = {"exit_reason": run.exit_reason}
-            if run.exit_reason == 6:   # KVM_EXIT_MMIO
+            if run.exit_reason == KVM_EXIT_MMIO:
                 d.update(phys_addr=run.mmio.phys_addr, len=run.mmio.len,
                          is_write=bool(run.mmio.is_write),
                          data=bytes(run.mmio.data[:min(run.mmio.len, 8)]))
-            elif run.exit_reason == 2:  # KVM_EXIT_IO
+            elif run.exit_reason == KVM_EXIT_IO:
                 d.update(port=run.io.port, direction=run.io.direction, size=run.io.size,
                          count=run.io.count)
-            elif run.exit_reason == 9:  # KVM_EXIT_FAIL_ENTRY
+            elif run.exit_reason == KVM_EXIT_FAIL_ENTRY:
                 d.update(hardware_entry_failure_reason=run.fail_entry.hardware_entry_failure_reason,
                          cpu=run.fail_entry.cpu)
-            elif run.exit_reason == 17:  # KVM_EXIT_INTERNAL_ERROR
+            elif run.exit_reason == KVM_EXIT_INTERNAL_ERROR:
                 n = min(run.internal.ndata, 16)
                 d.update(suberror=run.internal.suberror,
                          data=[run.internal.data[i] for i in range(n)])
-            elif run.exit_reason == 0:  # KVM_EXIT_UNKNOWN
+            elif run.exit_reason == KVM_EXIT_UNKNOWN:
                 d.update(hardware_exit_reason=run.hw.hardware_exit_reason)
             return d
         finally:

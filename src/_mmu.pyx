@@ -28,7 +28,7 @@ from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_seqcst
                       kd_ctz64, kd_clz64)
 from _sink cimport kd_sink, kd_tracker, KD_SINK_CAPSULE, KD_RING_CAPSULE, KD_TRACKER_CAPSULE, KD_NO_VCPU
 from _ringcore cimport kd_ring, kd_ring_push, kd_ring_used, KD_PUSH_OK, KD_PUSH_SOFT_FULL, KD_PUSH_FULL
-from _uapi cimport (KVM_MEM_LOG_DIRTY_PAGES, KVM_EXIT_HLT, KVM_EXIT_MMIO,
+from _uapi cimport (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_EXIT_HLT, KVM_EXIT_MMIO,
                     KVM_EXIT_DIRTY_RING_FULL)
 
 # vCPU mode, as vcpu->mode
@@ -252,8 +252,10 @@ cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
         gfn = gfns[i]
         if s == NULL or gfn - s.base_gfn >= s.npages or gfn < s.base_gfn:
             s = _slot_by_gfn(m, gfn, &si)
-            if s == NULL:
-                reason = KVM_EXIT_MMIO   # no memslot: the access exits to user space
+            if s == NULL or s.flags & KVM_MEM_READONLY:
+                # No memslot, or a read-only one: the write exits to user space as MMIO.
+                s = NULL
+                reason = KVM_EXIT_MMIO
                 break
         rel = gfn - s.base_gfn
         w = rel >> 6
@@ -540,7 +542,7 @@ cdef class Mmu:
         with nogil:
             for i in range(n):
                 s = _slot_by_gfn(self.m, gfns[i], &si)
-                if s == NULL:
+                if s == NULL or s.flags & KVM_MEM_READONLY:
                     break
                 rel = gfns[i] - s.base_gfn
                 if s.flags & KVM_MEM_LOG_DIRTY_PAGES:

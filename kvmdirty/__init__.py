@@ -1,0 +1,19 @@
+"""kvmdirty: Linux KVM dirty-page tracking (bitmaps and dirty rings), simulated and real."""
+try:
+    from . import _bitmap, _mmu, _uapi  # noqa: F401  (the compiled core)
+except ImportError as e:  # pragma: no cover - a source checkout that was never built
+    raise ImportError(
+        "kvmdirty's compiled core is missing: install the package with `pip install .` "
+        "(or `pip install -e .`) instead of importing it from a source tree") from e
+
+from ._bitmap import DirtyBitmap
+from .api import EXIT_BUDGET, EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL, EXIT_HLT, Exit
+from .errors import KvmError
+from .vm import FAULTS, VM, Vcpu
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VM", "Vcpu", "KvmError", "DirtyBitmap", "Exit", "FAULTS",
+    "EXIT_HLT", "EXIT_DIRTY_RING_FULL", "EXIT_BUDGET", "EXIT_DIRTY_LOG_FULL",
+]
