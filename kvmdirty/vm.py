@@ -381,9 +381,9 @@ class VM:
         return False
 
     def _install_slots(self) -> None:
-        # Only address space 0 is reachable by the guest; SMM slots are tracked
-        # like any other but the simulated guest never runs in SMM.
-        rows = [s.row() for s in self.slots.values() if s.slot >> 16 == 0]
+        # The simulated guest never runs in SMM: address space 1 slots are
+        # logged and harvested like any other, but no guest write reaches them.
+        rows = [s.row() for s in self.slots.values()]
         self.mmu.set_slots(rows)
         if self.design is not None:
             self.design.slots_changed()

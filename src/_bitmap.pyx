@@ -9,6 +9,8 @@ with a vectorised hint read (src/_scan.h).
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_CheckExact
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -203,38 +205,112 @@ def popcount(const uint64_t[::1] words not None):
     return total
 
 
-cdef size_t _expand(const uint64_t *w, size_t n, uint64_t base, uint64_t *out,
-                    size_t cap) noexcept nogil:
-    cdef size_t i = 0, k = 0
-    cdef uint64_t m
-    while True:
-        i = kd_next_nonzero(w, i, n)
-        if i >= n:
-            return k
-        m = w[i]
-        while m and k < cap:
-            out[k] = base + (<uint64_t>i << 6) + <uint64_t>kd_ctz64(m)
-            k += 1
-            m &= m - 1
-        i += 1
+cdef struct GfnBuf:
+    uint64_t *p
+    size_t n, cap
+
+
+cdef int _buf_push_word(GfnBuf *b, uint64_t base, size_t word, uint64_t m) noexcept nogil:
+    """Append base + word*64 + each set bit of m; -1 if out of memory."""
+    cdef size_t need = b.n + <size_t>kd_popcount64(m), cap
+    cdef uint64_t *p
+    if need > b.cap:
+        cap = b.cap * 2 if b.cap * 2 > need else need + 1024
+        p = <uint64_t *>realloc(b.p, cap * sizeof(uint64_t))
+        if p == NULL:
+            return -1
+        b.p = p
+        b.cap = cap
+    while m:
+        b.p[b.n] = base + (<uint64_t>word << 6) + <uint64_t>kd_ctz64(m)
+        b.n += 1
+        m &= m - 1
+    return 0
+
+
+cdef object _buf_to_array(GfnBuf *b):
+    arr = np.empty(b.n, dtype=np.uint64)
+    cdef uint64_t[::1] out = arr
+    if b.n:
+        memcpy(&out[0], b.p, b.n * sizeof(uint64_t))
+    free(b.p)
+    b.p = NULL
+    return arr
 
 
 def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
-    """The set bits as a uint64 numpy array of page numbers (``base`` + bit index), ascending."""
-    cdef size_t n = words.shape[0], count = 0, got = 0
-    cdef uint64_t[::1] out
-    if n == 0:
-        return np.zeros(0, dtype=np.uint64)
-    with nogil:
-        count = _popcount(&words[0], n)
-    arr = np.empty(count, dtype=np.uint64)
-    if count == 0:
-        return arr
-    out = arr
-    with nogil:
-        got = _expand(&words[0], n, base, &out[0], count)
-    # A concurrent writer may have changed the words between the two passes.
-    return arr[:got] if got < count else arr
+    """The set bits as a uint64 numpy array of page numbers (``base`` + bit index), ascending.
+
+    One pass: zero words are skipped by the hint scan, the rest expanded with
+    count-trailing-zeros into a growing buffer.
+    """
+    cdef size_t n = words.shape[0], i = 0
+    cdef GfnBuf b
+    cdef int err = 0
+    b.p = NULL
+    b.n = b.cap = 0
+    if n:
+        with nogil:
+            while True:
+                i = kd_next_nonzero(&words[0], i, n)
+                if i >= n:
+                    break
+                if _buf_push_word(&b, base, i, words[i]):
+                    err = 1
+                    break
+                i += 1
+    if err:
+        free(b.p)
+        raise MemoryError()
+    return _buf_to_array(&b)
+
+
+def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
+                 *, unsigned int slot=0):
+    """Harvest and expand in one pass: exchange each non-zero word with 0, protect, list its pages.
+
+    The same as :func:`harvest` followed by :func:`to_gfns` on the snapshot,
+    without materialising the snapshot.  Returns a uint64 array of
+    ``base`` + page index, ascending.
+    """
+    cdef size_t n = words.shape[0], i = 0
+    cdef uint64_t mask
+    cdef GfnBuf b
+    cdef int err = 0
+    cdef _Sink s = _Sink()
+    _check_aligned(words, "words")
+    s.resolve(sink, n)
+    b.p = NULL
+    b.n = b.cap = 0
+    if s.kind == SINK_PY:
+        for i in range(n):
+            mask = kd_xchg_u64(&words[i], 0) if words[i] else 0
+            if mask:
+                s.py(i, mask)
+                if _buf_push_word(&b, base, i, mask):
+                    free(b.p)
+                    raise MemoryError()
+        return _buf_to_array(&b)
+    if n:
+        with nogil:
+            while True:
+                i = kd_next_nonzero(&words[0], i, n)
+                if i >= n:
+                    break
+                # xchg pairs with the vCPU's fetch-or, as in _harvest.
+                mask = kd_xchg_u64(&words[i], 0)
+                if mask:
+                    _sink_protect(s, slot, i, mask)
+                    if _buf_push_word(&b, base, i, mask):
+                        # Keep the bits we could not list: put them back.
+                        kd_fetch_or_u64(&words[i], mask)
+                        err = 1
+                        break
+                i += 1
+    if err:
+        free(b.p)
+        raise MemoryError()
+    return _buf_to_array(&b)
 
 
 def set_bit(uint64_t[::1] words not None, uint64_t nr):

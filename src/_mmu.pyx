@@ -80,8 +80,9 @@ ctypedef struct kd_vcpu:
     uint64_t writes, tlb_hits, faults, dirty_logged
 
 ctypedef struct kd_mmu:
-    kd_slot *slots        # sorted by base_gfn
+    kd_slot *slots        # sorted by (address space, base_gfn)
     size_t nslots
+    size_t nguest         # slots[:nguest] are address space 0, the one the guest runs in
     kd_vcpu **vcpus
     size_t nvcpus
     bint log_every_write  # log every write to a logged page (emulated writes)
@@ -92,7 +93,7 @@ ctypedef struct kd_mmu:
 
 
 cdef inline kd_slot *_slot_by_gfn(kd_mmu *m, uint64_t gfn, size_t *index) noexcept nogil:
-    cdef size_t lo = 0, hi = m.nslots, mid
+    cdef size_t lo = 0, hi = m.nguest, mid
     while lo < hi:
         mid = (lo + hi) >> 1
         if gfn < m.slots[mid].base_gfn:
@@ -275,14 +276,25 @@ cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
                     break
             v.tlb[si][w] |= bit
         else:
-            # Write-protect fault (fast_page_fault): make the SPTE writable, then
-            # log the page, as fast_pf_fix_direct_spte does.
+            # Write-protect fault (fast_page_fault): make the SPTE writable,
+            # then log the page, as fast_pf_fix_direct_spte does.  The other
+            # order loses writes: a harvest between the two would protect
+            # first and leave the page writable and clean.
+            if (v.ring != NULL and m.tracker == NULL and s.flags & KVM_MEM_LOG_DIRTY_PAGES
+                    and kd_ring_used(v.ring) >= v.ring.size):
+                # Every entry is live (only if user space never resets): never
+                # overwrite one; the write waits for a reset.
+                reason = KVM_EXIT_DIRTY_RING_FULL
+                break
+            kd_fetch_or_u64(&s.writable[w], bit)
             if not unlogged:
                 r = _mark_dirty(m, v, s, rel)
                 if r:
+                    # Only a seed design's tracker refuses: undo the W bit; the
+                    # write is redone, and logged, when the vCPU resumes.
+                    kd_fetch_andnot_u64(&s.writable[w], bit)
                     reason = r
                     break
-            kd_fetch_or_u64(&s.writable[w], bit)
             v.faults += 1
             v.tlb[si][w] |= bit
         # The guest's store; relaxed because readers only need the value itself.
@@ -417,13 +429,15 @@ cdef class Mmu:
     def set_slots(self, slots):
         """Install a new slot table: a list of (id, base_gfn, npages, flags, writable, values, dirty|None).
 
+        Slots of every address space are kept (harvests name them); the guest
+        runs in address space 0 only.
         Only while no vCPU runs and nothing harvests (vm.py's slots lock).
         Every vCPU's TLB is rebuilt empty (a memslot change flushes TLBs).
         """
         cdef size_t i, n = len(slots)
         cdef uint64_t[::1] w, val, d
         cdef kd_slot *tab
-        rows = sorted(slots, key=lambda r: r[1])
+        rows = sorted(slots, key=lambda r: (r[0] >> 16, r[1]))
         for r in rows:
             sid, base, npages, flags, writable, values, dirty = r
             nw = (npages + 63) >> 6
@@ -454,6 +468,7 @@ cdef class Mmu:
         free(self.m.slots)
         self.m.slots = tab
         self.m.nslots = n
+        self.m.nguest = sum(1 for r in rows if r[0] >> 16 == 0)
         self._slot_arrays = keep
         for vc in self._vcpus:
             (<VcpuCore>vc)._rebuild_tlbs()
