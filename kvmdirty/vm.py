@@ -164,10 +164,12 @@ class VM:
                      (seed 004: first to last set bit of each mask).
     pml:             model Intel PML (cpu_dirty_log_size 512: bigger ring reserve).
     faults:          deliberate ordering bugs, names from FAULTS (for verifier tests).
+    design_options:  keyword arguments of the seed design (e.g. {"entries": 1024}).
     """
 
-    def __init__(self, *, design: str = "kvm", log_every_write: bool = False,
-                 protect: str = "exact", pml: bool = False, faults=()) -> None:
+    def __init__(self, *, design: str = "kvm", design_options: Optional[dict] = None,
+                 log_every_write: bool = False, protect: str = "exact", pml: bool = False,
+                 faults=()) -> None:
         if protect not in ("exact", "range"):
             raise ValueError(f"protect must be 'exact' or 'range', got {protect!r}")
         bits = 0
@@ -192,7 +194,9 @@ class VM:
         self.design = None
         if design != "kvm":
             from .seeds import create_design
-            self.design = create_design(design, self)
+            self.design = create_design(design, self, **(design_options or {}))
+        elif design_options:
+            raise ValueError("design_options are for the seed-era designs only")
 
     # -- lifetime -------------------------------------------------------
     def _check_open(self, ioctl: str) -> None:
@@ -205,6 +209,11 @@ class VM:
             return
         with self._slots_lock.write():
             self._closed = True
+
+    @property
+    def slots_lock(self) -> SlotLock:
+        """Readers (runs, harvests) vs writers (memslot / vCPU changes); see slotlock.py."""
+        return self._slots_lock
 
     @property
     def closed(self) -> bool:

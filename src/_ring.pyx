@@ -1,0 +1,394 @@
+"""KVM's dirty ring: DirtyRing, and collect() over a ring in foreign memory.
+
+Entries are exactly ``struct kvm_dirty_gfn`` from <linux/kvm.h> (ENTRY_DTYPE).
+Kernel side (the vCPU and KVM_RESET_DIRTY_RINGS): push, push_many, reset.
+User side (the VMM): collect, fetch_index.  The inline C is in _ringcore.pxd
+and is shared with the guest write loop in _mmu, which pushes through the
+ring's ``_kd_ring`` capsule.
+
+Threads: one producer (the vCPU, or push/push_many), one collector and one
+resetter may run at the same time; each releases the GIL in its loop.  Two
+collectors (or two resetters) at once raise RuntimeError.
+
+Fault injection (ordering bugs the verifier must catch; off by default):
+  publish_early    push stores flags = DIRTY before slot/offset (also in the MMU's push)
+  relaxed_collect  collect uses relaxed flag loads/stores (payload read first)
+"""
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE,
+                             PyBUF_C_CONTIGUOUS, PyBUF_FORMAT)
+from cpython.pycapsule cimport PyCapsule_New
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+
+import operator
+
+import numpy as np
+
+from _atomic cimport kd_load_acquire_u32, kd_load_relaxed_u32
+from _uapi cimport kvm_dirty_gfn
+from _sink cimport kd_sink, KD_RING_CAPSULE
+from _ringcore cimport (kd_ring, kd_ring_used, kd_ring_push, kd_ring_push_many,
+                        kd_ring_collect, kd_ring_collect_relaxed, kd_ring_reset,
+                        kd_batcher, kd_batcher_init, kd_batch_log, kd_batch_log_protect,
+                        kd_sink_resolve, KD_SINK_NONE, KD_SINK_C, KD_SINK_PY,
+                        KD_PUSH_FULL, KD_RING_F_PUBLISH_EARLY)
+
+ENTRY_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
+if ENTRY_DTYPE.itemsize != sizeof(kvm_dirty_gfn):
+    raise ImportError(f"kvm_dirty_gfn is {sizeof(kvm_dirty_gfn)} bytes, ENTRY_DTYPE {ENTRY_DTYPE.itemsize}")
+
+#: KVM_DIRTY_RING_RSVD_ENTRIES: the soft limit's reserve for pushes in flight.
+RSVD_ENTRIES = 64
+#: KVM_DIRTY_RING_MAX_ENTRIES
+MAX_ENTRIES = 65536
+PAGE_SIZE = 4096
+_U32_MAX = 0xFFFFFFFF
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+# Busy bits: which role is inside a nogil loop (guarded under the GIL).
+cdef enum:
+    BUSY_PRODUCER = 1
+    BUSY_COLLECT = 2
+    BUSY_RESET = 4
+
+
+class RingFullError(RuntimeError):
+    """push refused: every entry of the ring is live (KVM would WARN; we never overwrite)."""
+
+
+cdef object _uint(object v, str name, object limit):
+    """An int argument in [0, limit]; TypeError for non-integers, ValueError out of range."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    if v < 0 or v > limit:
+        raise ValueError(f"{name} {v} out of range [0, {limit}]")
+    return v
+
+
+cdef size_t _max_count(object max_count, size_t cap) except? 0:
+    if max_count is None:
+        return cap
+    mc = _uint(max_count, "max_count", _U64_MAX)
+    return cap if mc > cap else <size_t>mc
+
+
+cdef object _out_array(object a, object dtype, str name):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array of {np.dtype(dtype)}, got {type(a).__name__}")
+    if a.dtype != dtype or a.ndim != 1 or not a.flags.c_contiguous or not a.flags.writeable:
+        raise ValueError(f"{name} must be a writable, C-contiguous 1-D {np.dtype(dtype)} array")
+    return a
+
+
+cdef class DirtyRing:
+    """One vCPU's dirty ring: ``entries`` struct kvm_dirty_gfn in a page-aligned, zeroed buffer."""
+    cdef kd_ring r
+    cdef object _buf             # numpy uint8 array owning the entries
+    cdef object _gfns            # ENTRY_DTYPE view of _buf
+    cdef uint32_t _fetch         # user space's free-running fetch index
+    cdef uint32_t _busy
+    cdef readonly uint32_t cpu_dirty_log_size
+    cdef uint64_t _collected, _resets, _reset_calls, _batches, _dropped
+    cdef bint _relaxed_collect
+    cdef bint _closed
+    cdef bint _capsule_taken
+
+    def __cinit__(self, entries, *, cpu_dirty_log_size=0):
+        cdef uintptr_t addr
+        cdef unsigned char[::1] mv
+        entries = _uint(entries, "entries", MAX_ENTRIES)
+        cdl = _uint(cpu_dirty_log_size, "cpu_dirty_log_size", MAX_ENTRIES)
+        if entries == 0 or entries & (entries - 1):
+            raise ValueError(f"entries {entries} is not a power of two")
+        if entries < RSVD_ENTRIES + cdl + 1:
+            raise ValueError(f"entries {entries} must exceed the reserve {RSVD_ENTRIES} + {cdl}")
+        nbytes = entries * sizeof(kvm_dirty_gfn)
+        raw = np.zeros(nbytes + PAGE_SIZE, np.uint8)
+        addr = raw.ctypes.data
+        skip = (-addr) & (PAGE_SIZE - 1)
+        self._buf = raw[skip:skip + nbytes]
+        mv = self._buf
+        self._gfns = self._buf.view(ENTRY_DTYPE)
+        self.r.gfns = <kvm_dirty_gfn *>&mv[0]
+        self.r.size = entries
+        self.r.soft_limit = entries - RSVD_ENTRIES - cdl
+        self.cpu_dirty_log_size = cdl
+
+    # -- lifetime ---------------------------------------------------------
+    cdef int _enter(self, uint32_t role) except -1:
+        # Called with the GIL held, so check-and-set is atomic w.r.t. other callers.
+        if self._closed:
+            raise ValueError("the dirty ring is closed")
+        if self._busy & role:
+            raise RuntimeError("another thread is already in this ring operation")
+        self._busy |= role
+        return 0
+
+    cdef void _leave(self, uint32_t role) noexcept:
+        self._busy &= ~role
+
+    def close(self):
+        """Refuse every later call.  The memory stays valid while an MMU or a gfns view holds it."""
+        if self._busy:
+            raise RuntimeError("the dirty ring is in use by another thread")
+        self._closed = True
+        if not self._capsule_taken:
+            self._buf = None          # gfns views handed out keep their own reference
+            self._gfns = None
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def _kd_ring(self):
+        """PyCapsule (KD_RING_CAPSULE) for kvmdirty._mmu.VcpuCore.attach_ring; valid while this object lives."""
+        if self._closed:
+            raise ValueError("the dirty ring is closed")
+        self._capsule_taken = True
+        return PyCapsule_New(&self.r, KD_RING_CAPSULE, NULL)
+
+    # -- kernel side ------------------------------------------------------
+    def push(self, slot, offset):
+        """Push one dirty page; returns True when the ring is now soft-full.
+
+        Raises RingFullError (changing nothing) when every entry is live.
+        Single producer: do not push while a vCPU running on this ring does.
+        """
+        cdef uint32_t s = _uint(slot, "slot", _U32_MAX)
+        cdef uint64_t o = _uint(offset, "offset", _U64_MAX)
+        cdef int rc
+        self._enter(BUSY_PRODUCER)
+        try:
+            if kd_ring_used(&self.r) >= self.r.size:
+                raise RingFullError(f"all {self.r.size} entries are live; reset first")
+            rc = kd_ring_push(&self.r, s, o)
+        finally:
+            self._leave(BUSY_PRODUCER)
+        return rc == 1
+
+    def push_many(self, const uint32_t[::1] slots not None, const uint64_t[::1] offsets not None):
+        """Push slots[i], offsets[i] in order until done or every entry is live; returns the count."""
+        cdef size_t n = slots.shape[0], k
+        if <size_t>offsets.shape[0] != n:
+            raise ValueError(f"slots has {n} entries, offsets {offsets.shape[0]}")
+        self._enter(BUSY_PRODUCER)
+        try:
+            if n == 0:
+                return 0
+            with nogil:
+                k = kd_ring_push_many(&self.r, &slots[0], &offsets[0], n)
+        finally:
+            self._leave(BUSY_PRODUCER)
+        return k
+
+    def reset(self, sink=None):
+        """KVM_RESET_DIRTY_RINGS for this ring: free every harvested (RESET) entry, in order.
+
+        Consecutive entries are coalesced into (slot, first_page, 64-bit mask)
+        batches as kvm_dirty_ring_reset does, and each batch is write-protected
+        through ``sink``: None (nothing protected), an object with a
+        ``_kd_sink`` capsule (e.g. kvmdirty._mmu.Mmu), or a Python callable
+        ``sink(slot, first_page, mask)`` returning False when it drops the
+        batch.  Returns the number of entries reset.  The TLB flush is the caller's.
+        """
+        cdef kd_sink *cs = NULL
+        cdef int kind = kd_sink_resolve(sink, &cs)
+        cdef kd_batcher b
+        cdef kd_batch_log log
+        cdef uint32_t count
+        cdef uint32_t[::1] ls
+        cdef uint64_t[::1] lf, lm
+        count = 0
+        kd_batcher_init(&b, NULL, NULL)
+        self._enter(BUSY_RESET)
+        try:
+            if kind == KD_SINK_C:
+                kd_batcher_init(&b, cs.protect, cs.ctx)
+            elif kind == KD_SINK_PY:
+                a_s = np.empty(self.r.size, np.uint32)
+                a_f = np.empty(self.r.size, np.uint64)
+                a_m = np.empty(self.r.size, np.uint64)
+                ls, lf, lm = a_s, a_f, a_m
+                log.slots, log.firsts, log.masks = &ls[0], &lf[0], &lm[0]
+                log.n, log.cap = 0, self.r.size
+                kd_batcher_init(&b, kd_batch_log_protect, &log)
+            with nogil:
+                count = kd_ring_reset(&self.r, &b)
+            if kind == KD_SINK_PY:
+                # The entries are already free (as in KVM, where reset_index moves
+                # before the batch is protected); protect before returning.
+                for i in range(log.n):
+                    if sink(int(ls[i]), int(lf[i]), int(lm[i])) is False:
+                        b.dropped += 1
+        finally:
+            self._resets += count
+            self._reset_calls += 1
+            self._batches += b.batches
+            self._dropped += b.dropped
+            self._leave(BUSY_RESET)
+        return count
+
+    # -- user side --------------------------------------------------------
+    def collect(self, max_count=None, out_slots=None, out_offsets=None):
+        """Harvest from fetch_index on, in order, while flags == DIRTY, marking each RESET.
+
+        Returns (slots uint32, offsets uint64).  With ``out_slots`` /
+        ``out_offsets`` (both or neither) they are filled and views of the
+        filled part are returned; at most min(len(out), max_count) entries.
+        """
+        cdef uint32_t[::1] vs
+        cdef uint64_t[::1] vo
+        cdef size_t cap = self.r.size, n
+        if (out_slots is None) != (out_offsets is None):
+            raise ValueError("give both out_slots and out_offsets, or neither")
+        if out_slots is not None:
+            a_s = _out_array(out_slots, np.uint32, "out_slots")
+            a_o = _out_array(out_offsets, np.uint64, "out_offsets")
+            cap = min(cap, a_s.shape[0], a_o.shape[0])
+        cap = _max_count(max_count, cap)
+        self._enter(BUSY_COLLECT)
+        try:
+            if out_slots is None:
+                a_s = np.empty(cap, np.uint32)
+                a_o = np.empty(cap, np.uint64)
+            if cap == 0:
+                return a_s[:0], a_o[:0]
+            vs, vo = a_s, a_o
+            with nogil:
+                if self._relaxed_collect:
+                    n = kd_ring_collect_relaxed(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
+                else:
+                    n = kd_ring_collect(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
+            self._fetch += <uint32_t>n
+            self._collected += n
+        finally:
+            self._leave(BUSY_COLLECT)
+        return a_s[:n], a_o[:n]
+
+    property fetch_index:
+        """User space's free-running u32 fetch index (it owns it and may move it)."""
+        def __get__(self):
+            return self._fetch
+        def __set__(self, v):
+            self._enter(BUSY_COLLECT)
+            self._fetch = _uint(v, "fetch_index", _U32_MAX)
+            self._leave(BUSY_COLLECT)
+
+    # -- views and state --------------------------------------------------
+    @property
+    def gfns(self):
+        """Zero-copy ENTRY_DTYPE view of the entries (user space's mmap)."""
+        if self._closed:
+            raise ValueError("the dirty ring is closed")
+        return self._gfns
+
+    @property
+    def entries(self):
+        return self.r.size
+
+    @property
+    def soft_limit(self):
+        return self.r.soft_limit
+
+    @property
+    def dirty_index(self):
+        return kd_load_relaxed_u32(&self.r.dirty_index)
+
+    @property
+    def reset_index(self):
+        return kd_load_acquire_u32(&self.r.reset_index)
+
+    @property
+    def used(self):
+        return kd_ring_used(&self.r)
+
+    @property
+    def soft_full(self):
+        return kd_ring_used(&self.r) >= self.r.soft_limit
+
+    property publish_early:
+        """Fault injection: push stores flags = DIRTY before slot/offset."""
+        def __get__(self):
+            return bool(self.r.faults & KD_RING_F_PUBLISH_EARLY)
+        def __set__(self, bint on):
+            if on:
+                self.r.faults |= KD_RING_F_PUBLISH_EARLY
+            else:
+                self.r.faults &= ~KD_RING_F_PUBLISH_EARLY
+
+    property relaxed_collect:
+        """Fault injection: collect uses relaxed loads and stores of flags."""
+        def __get__(self):
+            return self._relaxed_collect
+        def __set__(self, bint on):
+            self._relaxed_collect = on
+
+    @property
+    def stats(self):
+        return {"pushes": self.r.pushes, "collected": self._collected, "resets": self._resets,
+                "reset_calls": self._reset_calls, "batches": self._batches,
+                "dropped": self._dropped, "overflows": self.r.overflows}
+
+    def __repr__(self):
+        return (f"DirtyRing(entries={self.r.size}, used={kd_ring_used(&self.r)}, "
+                f"soft_limit={self.r.soft_limit}, fetch_index={self._fetch}"
+                f"{', closed' if self._closed else ''})")
+
+
+def collect(entries, fetch_index, max_count=None):
+    """Harvest a ring in foreign memory (e.g. the mmap of a real KVM vCPU fd).
+
+    ``entries``: a writable, C-contiguous buffer of a power-of-two number of
+    16-byte struct kvm_dirty_gfn, 8-byte aligned: a numpy array of
+    ENTRY_DTYPE, or raw bytes (mmap, bytearray, memoryview, uint8 array).
+    From ``fetch_index`` (u32) on, in order, while flags == DIRTY: read slot
+    and offset, store-release RESET.  Returns (slots, offsets, new_fetch_index).
+    """
+    cdef Py_buffer view
+    cdef size_t nbytes, count, cap, n = 0
+    cdef uint32_t fetch = _uint(fetch_index, "fetch_index", _U32_MAX)
+    cdef uint32_t[::1] vs
+    cdef uint64_t[::1] vo
+    if isinstance(entries, np.ndarray) and entries.dtype != ENTRY_DTYPE and entries.dtype.itemsize != 1:
+        raise TypeError(f"entries must have dtype {ENTRY_DTYPE} or be raw bytes, got {entries.dtype}")
+    try:
+        PyObject_GetBuffer(entries, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    except TypeError:
+        raise TypeError(f"entries must be a writable buffer, got {type(entries).__name__}") from None
+    except (BufferError, ValueError) as e:
+        raise ValueError(f"entries must be a C-contiguous buffer: {e}") from None
+    try:
+        if view.readonly:
+            raise ValueError("entries is read-only; collect stores RESET into it")
+        if not isinstance(entries, np.ndarray) and view.itemsize != 1:
+            raise TypeError(f"entries must be raw bytes (itemsize 1), got format "
+                            f"{(<bytes>view.format).decode() if view.format else 'B'!r}")
+        nbytes = <size_t>view.len
+        if nbytes == 0 or nbytes % sizeof(kvm_dirty_gfn):
+            raise ValueError(f"entries is {nbytes} bytes, not a non-zero multiple of {sizeof(kvm_dirty_gfn)}")
+        count = nbytes // sizeof(kvm_dirty_gfn)
+        if count & (count - 1) or count > 0xFFFFFFFF:
+            raise ValueError(f"entries holds {count} entries, not a power of two")
+        if (<uintptr_t>view.buf) & 7:
+            raise ValueError("entries must be 8-byte aligned for atomic access")
+        cap = _max_count(max_count, count)
+        a_s = np.empty(cap, np.uint32)
+        a_o = np.empty(cap, np.uint64)
+        if cap:
+            vs, vo = a_s, a_o
+            with nogil:
+                n = kd_ring_collect(<kvm_dirty_gfn *>view.buf, <uint32_t>count, fetch,
+                                    &vs[0], &vo[0], cap)
+    finally:
+        PyBuffer_Release(&view)
+    return a_s[:n], a_o[:n], (fetch + n) & _U32_MAX
