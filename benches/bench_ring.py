@@ -28,6 +28,8 @@ def _mmu_one_slot():
 
 
 def _per_entry(benchmark, n):
+    if not benchmark.stats:          # --benchmark-disable: ran once, nothing timed
+        return
     ns = benchmark.stats.stats.median * 1e9 / n
     benchmark.extra_info["ns_per_entry"] = round(ns, 3)
     print(f"\n{benchmark.name}: {ns:.2f} ns/entry", file=sys.stderr)

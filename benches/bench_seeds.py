@@ -26,6 +26,8 @@ def _two_threads(fn_a, fn_b):
 
 
 def _report(benchmark, key):
+    if not benchmark.stats:          # --benchmark-disable: ran once, nothing timed
+        return
     ns = benchmark.stats.stats.median * 1e9 / (2 * PER_WRITER)
     RESULTS[key] = ns
     benchmark.extra_info["ns_per_entry"] = round(ns, 3)

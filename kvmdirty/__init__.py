@@ -9,11 +9,12 @@ except ImportError as e:  # pragma: no cover - a source checkout that was never 
 from ._bitmap import DirtyBitmap
 from .api import EXIT_BUDGET, EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL, EXIT_HLT, Exit
 from .errors import KvmError
+from .kvm import KvmVcpu, KvmVM, open_vm
 from .vm import FAULTS, VM, Vcpu
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "VM", "Vcpu", "KvmError", "DirtyBitmap", "Exit", "FAULTS",
+    "VM", "Vcpu", "KvmVM", "KvmVcpu", "open_vm", "KvmError", "DirtyBitmap", "Exit", "FAULTS",
     "EXIT_HLT", "EXIT_DIRTY_RING_FULL", "EXIT_BUDGET", "EXIT_DIRTY_LOG_FULL",
 ]

@@ -7,7 +7,7 @@ write plan (absolute guest frame numbers stored in guest memory), then halts:
           shl rdx, 12        ; gfn -> guest physical address
           mov [rdx], rax     ; THE write (rax = value)
           add rsi, 8
-          dec rcx            ; rcx = writes left in this chunk
+          dec rcx            ; rcx = writes left in this burst (one KVM_RUN)
           jnz loop
     done: hlt
           jmp done           ; running a halted guest again halts again
@@ -18,7 +18,7 @@ instructions per write and uses no stack.
 Private memory. Code, page tables and the plan live in one memslot that is
 never dirty-logged, so dirty bitmaps and ring entries only ever name the
 user's slots:
-    slot id   PRIVATE_SLOT  (the last user slot id, 32763 on x86; reserved)
+    slot id   KvmVM.private_slot: NR_MEMSLOTS - 1 (32763 on x86), reserved
     GPA       PRIVATE_GPA = 64 GiB - 16 MiB, PRIVATE_SIZE = 8 MiB
               +0x000000 code (one page)
               +0x001000 PML4, +0x002000 PDPT, +0x003000 64 page directories
@@ -47,6 +47,10 @@ PD_OFFSET = 0x3000
 N_PD = GUEST_PHYS_LIMIT >> 30              # one page directory per GiB
 PLAN_OFFSET = 0x100000
 PLAN_CAPACITY = (PRIVATE_SIZE - PLAN_OFFSET) // 8
+
+# Writes per KVM_RUN when a dirty ring is on: well below the ring's 64-entry
+# reserve (see kvm.KvmVcpu._start_burst).
+RING_BURST = 32
 
 PRIVATE_GFN_FIRST = PRIVATE_GPA >> 12
 PRIVATE_GFN_END = (PRIVATE_GPA + PRIVATE_SIZE) >> 12
@@ -106,18 +110,20 @@ def long_mode_sregs(cr3: int) -> Dict[str, object]:
                 cr3=cr3, cr4=CR4_PAE, efer=EFER_LME | EFER_LMA)
 
 
-def start_regs(base_gpa: int, count: int, value: int) -> Dict[str, int]:
-    """Registers that start the loop over `count` plan entries writing `value`."""
-    return dict(rip=base_gpa + CODE_OFFSET, rsi=base_gpa + PLAN_OFFSET, rcx=count,
-                rax=value, rdx=0, rflags=0x2, rsp=base_gpa + PLAN_OFFSET)
+def start_regs(base_gpa: int, first: int, count: int, value: int) -> Dict[str, int]:
+    """Registers that run the loop over plan entries [first, first + count) writing `value`."""
+    if count <= 0:
+        raise ValueError("the loop needs count >= 1 (dec rcx would wrap)")
+    return dict(rip=base_gpa + CODE_OFFSET, rsi=base_gpa + PLAN_OFFSET + 8 * first,
+                rcx=count, rax=value, rdx=0, rflags=0x2, rsp=base_gpa + PLAN_OFFSET)
 
 
 def writes_done(rip: int, rcx: int, count: int, base_gpa: int = PRIVATE_GPA) -> int:
     """Writes completed of a `count`-write chunk, from the vCPU's rip and rcx.
 
     rcx counts down after the store, so between the store and `dec rcx` one
-    more write has happened than rcx says. An MMIO exit leaves rip at the store
-    (not yet retired): it is counted when a later run completes it.
+    more write has happened than rcx says. KVM retires an MMIO write before it
+    exits (rip is already past the store), so that write counts as done.
     """
     at = rip - (base_gpa + CODE_OFFSET)
     if at >= HLT_OFFSET:

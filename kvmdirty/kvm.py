@@ -4,19 +4,20 @@ Same methods, arguments, exits and errno as the simulated `vm.VM` / `vm.Vcpu`
 (see api.VMProtocol), so user code, the runner and the verifier work on
 either. Guest memory of every slot is an anonymous MAP_NORESERVE mapping owned
 by the VM. The vCPU runs the tiny program of `guest.py` from a private,
-never-logged memslot (slot PRIVATE_SLOT at guest.PRIVATE_GPA; the user may
-not use that slot id nor overlap that range).
+never-logged memslot (slot `KvmVM.private_slot` at guest.PRIVATE_GPA; the
+user may not use that slot id nor overlap that range).
 """
 from __future__ import annotations
 
 import errno
+import threading
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from . import _kvm, _uapi, guest
-from .api import EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit
+from .api import EXIT_BUDGET, EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit
 from .errors import KvmError
 
 __all__ = ["KvmVM", "KvmVcpu", "KvmDirtyRing", "open_vm"]
@@ -33,6 +34,23 @@ def _int(v: Any, what: str, bits: int = 64) -> int:
     if not 0 <= v < (1 << bits):
         raise ValueError(f"{what} must be in [0, 2**{bits}), got {v}")
     return v
+
+
+def _plan(gfns: Any) -> np.ndarray:
+    a = np.asarray(gfns)
+    if a.ndim != 1:
+        raise ValueError(f"gfns must be one-dimensional, got shape {a.shape}")
+    if a.size and a.dtype.kind not in "ui":
+        raise TypeError(f"gfns must be integers, got dtype {a.dtype}")
+    if a.dtype.kind == "i" and a.size and int(a.min()) < 0:
+        raise ValueError("gfns must be non-negative")
+    return np.ascontiguousarray(a, dtype=np.uint64)
+
+
+def _budget(max_writes: Any) -> int:
+    if isinstance(max_writes, bool) or not isinstance(max_writes, (int, np.integer)) or max_writes < 1:
+        raise ValueError("max_writes must be a positive int")
+    return int(max_writes)
 
 
 class _Slot:
@@ -69,11 +87,19 @@ class KvmDirtyRing:
         view.flags.writeable = False
         return view
 
+    @property
+    def used(self) -> int:
+        """Entries pushed and not yet reset: those whose flags are not 0."""
+        return int(np.count_nonzero(self.entries_view()["flags"]))
+
     def close(self) -> None:
         if self._buf is not None:
-            self._buf.release()
-            self._buf = None
-            self._mapping.close()
+            buf, self._buf = self._buf, None
+            try:
+                buf.release()
+            except BufferError:      # a collect in another thread still holds it
+                pass
+            self._mapping.close()    # unmapped once the last export is released
 
 
 class KvmVcpu:
@@ -91,9 +117,12 @@ class KvmVcpu:
         fd.set_sregs(guest.long_mode_sregs(guest.PRIVATE_GPA + guest.PML4_OFFSET))
         self._plan = np.zeros(0, dtype=np.uint64)
         self._value = 0
-        self._chunk_start = 0     # plan index of the chunk loaded in guest memory
-        self._chunk_len = 0       # 0: no chunk in flight
+        self._chunk_start = 0     # plan index of the chunk held in guest memory
+        self._chunk_len = 0
+        self._burst_start = 0     # plan index where the current KVM_RUN burst began
+        self._burst_len = 0       # 0: no burst in flight
         self._done = 0            # writes of the plan completed so far
+        self._lock = threading.Lock()
 
     @property
     def dirty_ring(self) -> Optional[KvmDirtyRing]:
@@ -108,60 +137,86 @@ class KvmVcpu:
         if self._fd.closed or vm is None or vm.closed:
             raise KvmError(errno.EBADF, what, "the vCPU or its VM is closed")
 
-    def run(self, gfns: Optional[np.ndarray] = None, value: Optional[int] = None) -> Exit:
-        """Run the plan `gfns` (absolute gfns, writing `value`), or resume the current one.
+    @property
+    def remaining(self) -> int:
+        """Writes of the current plan not yet done."""
+        return self._plan.size - self._done
 
-        Returns Exit(EXIT_HLT, writes, 0) when the plan is done; on any other
-        exit (DIRTY_RING_FULL, MMIO for a gfn outside every slot, ...) the
-        writes done by this call and those remaining: `run()` resumes them.
+    def run(self, gfns: Optional[np.ndarray] = None, value: Optional[int] = None, *,
+            max_writes: Optional[int] = None) -> Exit:
+        """KVM_RUN: execute the plan `gfns` (absolute gfns) writing `value`, or resume the current one.
+
+        Returns Exit(EXIT_HLT, writes, 0) when the plan is done. On any other
+        exit (DIRTY_RING_FULL, MMIO for a gfn outside every slot, ...) it
+        reports the writes done by this call and those remaining, and `run()`
+        resumes exactly there. `max_writes` bounds this call (EXIT_BUDGET), as
+        in the simulator.
         """
         self._check_open("KVM_RUN")
         if gfns is not None:
-            self._new_plan(gfns, value)
+            plan = _plan(gfns)
+            if isinstance(value, (np.ndarray, list, tuple)):
+                raise TypeError("the real-KVM guest writes one value per plan, not one per write")
+            v = _int(0 if value is None else value, "value")
         elif value is not None:
-            raise ValueError("value given without a plan")
+            raise ValueError("value given without gfns")
+        budget = None if max_writes is None else _budget(max_writes)
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"vCPU {self.id} is already running in another thread")
+        try:
+            if gfns is not None:
+                self._set_plan(plan, v)
+            return self._run(budget)
+        finally:
+            self._lock.release()
+
+    def _run(self, budget: Optional[int]) -> Exit:
         start = self._done
-        if self._done == self._plan.size:
-            return Exit(EXIT_HLT, 0, 0)
         while True:
-            if self._chunk_len == 0:
-                self._load_chunk()
+            if self._burst_len == 0:
+                if self._done == self._plan.size:
+                    return Exit(EXIT_HLT, self._done - start, 0)
+                if budget is not None and self._done - start >= budget:
+                    return Exit(EXIT_BUDGET, self._done - start, self._plan.size - self._done)
+                self._start_burst(None if budget is None else budget - (self._done - start))
             reason = self._fd.run()
             regs = self._fd.get_regs()
-            in_chunk = guest.writes_done(regs["rip"], regs["rcx"], self._chunk_len)
-            self._done = self._chunk_start + in_chunk
-            if reason == EXIT_HLT and in_chunk == self._chunk_len:
-                self._chunk_len = 0
-                if self._done < self._plan.size:
-                    continue
+            self._done = self._burst_start + guest.writes_done(regs["rip"], regs["rcx"], self._burst_len)
+            if reason == EXIT_HLT and self._done == self._burst_start + self._burst_len:
+                self._burst_len = 0
+                continue
             return Exit(reason, self._done - start, self._plan.size - self._done)
 
-    def _new_plan(self, gfns: Any, value: Optional[int]) -> None:
-        if value is None:
-            raise ValueError("a plan needs a value to write")
-        v = _int(value, "value")
-        arr = np.asarray(gfns)
-        if arr.ndim != 1:
-            raise ValueError(f"gfns must be 1-D, got {arr.ndim} dimensions")
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"gfns must be integers, not {arr.dtype}")
-        if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and int(arr.min()) < 0:
-            raise ValueError("gfns must be non-negative")
-        plan = arr.astype(np.uint64)
+    def _set_plan(self, plan: np.ndarray, value: int) -> None:
         if plan.size:
             if int(plan.max()) >= guest.GUEST_GFN_LIMIT:
                 raise ValueError(f"gfns must be below {guest.GUEST_GFN_LIMIT:#x} (36-bit guest physical addresses)")
             if ((plan >= guest.PRIVATE_GFN_FIRST) & (plan < guest.PRIVATE_GFN_END)).any():
                 raise ValueError("gfns must not name the guest program's private memory")
-        self._plan, self._value = plan, v
+        self._plan, self._value = plan, value
         self._chunk_start = self._chunk_len = self._done = 0
+        self._burst_start = self._burst_len = 0
 
-    def _load_chunk(self) -> None:
-        """Copy the next chunk of the plan into guest memory and point the registers at it."""
-        n = min(guest.PLAN_CAPACITY, self._plan.size - self._done)
-        self._plan_area[:n] = self._plan[self._done:self._done + n]
-        self._chunk_start, self._chunk_len = self._done, n
-        self._fd.set_regs(guest.start_regs(guest.PRIVATE_GPA, n, self._value))
+    def _start_burst(self, budget: Optional[int]) -> None:
+        """Point the registers at the next burst of the plan (loading its chunk first).
+
+        With a dirty ring a burst is at most guest.RING_BURST writes: KVM checks
+        the soft-full request only on guest entry, and a vCPU that is never
+        re-entered was seen here to run past the ring's end and overwrite
+        entries. Entering at most RING_BURST writes apart keeps it within
+        the ring's reserve of 64 entries.
+        """
+        done = self._done
+        if not self._chunk_start <= done < self._chunk_start + self._chunk_len:
+            n = min(guest.PLAN_CAPACITY, self._plan.size - done)
+            self._plan_area[:n] = self._plan[done:done + n]
+            self._chunk_start, self._chunk_len = done, n
+        left = self._chunk_start + self._chunk_len - done
+        n = min(left, guest.RING_BURST) if self._ring is not None else left
+        if budget is not None:
+            n = min(n, budget)
+        self._fd.set_regs(guest.start_regs(guest.PRIVATE_GPA, done - self._chunk_start, n, self._value))
+        self._burst_start, self._burst_len = done, n
 
     def exit_info(self) -> Dict[str, Any]:
         """Details of the last exit (e.g. the MMIO address) as kvm_run reports them."""
@@ -204,6 +259,11 @@ class KvmVM:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def vcpus(self) -> Dict[int, "KvmVcpu"]:
+        """The vCPUs by id (as vm.VM.vcpus)."""
+        return dict(self._vcpus)
+
     def close(self) -> None:
         """Close vCPUs, the VM and /dev/kvm; unmap guest memory (views keep theirs alive)."""
         if self._closed:
@@ -238,8 +298,8 @@ class KvmVM:
     def check_extension(self, cap: int) -> int:
         return self._fd("KVM_CHECK_EXTENSION").check_extension(cap)
 
-    def enable_cap(self, cap: int, *args: int) -> None:
-        self._fd("KVM_ENABLE_CAP").enable_cap(cap, args)
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        self._fd("KVM_ENABLE_CAP").enable_cap(cap, args, flags)
         if cap in (_uapi.CAP_DIRTY_LOG_RING, _uapi.CAP_DIRTY_LOG_RING_ACQ_REL):
             self._ring_bytes = args[0]
 

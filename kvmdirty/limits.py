@@ -11,9 +11,10 @@ USER_MEM_SLOTS = 32764
 ADDRESS_SPACES = 2
 #: KVM_MEM_MAX_NR_PAGES: a slot's page count must fit in 31 bits.
 MEM_MAX_NR_PAGES = (1 << 31) - 1
-#: KVM_MAX_VCPUS and KVM_MAX_VCPU_IDS (KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO).
-MAX_VCPUS = 4096
-MAX_VCPU_IDS = 4096 * 4
+#: KVM_MAX_VCPUS (CONFIG_KVM_MAX_NR_VCPUS default) and KVM_MAX_VCPU_IDS
+#: (KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO), as this repository's hosts report.
+MAX_VCPUS = 1024
+MAX_VCPU_IDS = 1024 * 4
 #: KVM_DIRTY_RING_RSVD_ENTRIES and KVM_DIRTY_RING_MAX_ENTRIES.
 DIRTY_RING_RSVD_ENTRIES = 64
 DIRTY_RING_MAX_ENTRIES = 65536
@@ -22,14 +23,14 @@ PML_LOG_SIZE = 512
 DIRTY_GFN_SIZE = 16
 
 
-def split_slot(slot: int, ioctl: str) -> tuple:
+def split_slot(slot: int, ioctl: str, address_spaces: int = ADDRESS_SPACES) -> tuple:
     """(address space, slot id) of a u32 slot field; EINVAL when out of range, as the kernel checks."""
     if not isinstance(slot, int) or isinstance(slot, bool):
         raise TypeError(f"{ioctl}: slot must be an int, got {type(slot).__name__}")
     if slot < 0 or slot > 0xFFFFFFFF:
         raise ValueError(f"{ioctl}: slot {slot} does not fit in a u32")
     as_id, sid = slot >> 16, slot & 0xFFFF
-    if as_id >= ADDRESS_SPACES or sid >= USER_MEM_SLOTS:
+    if as_id >= address_spaces or sid >= USER_MEM_SLOTS:
         raise KvmError(errno.EINVAL, ioctl, f"address space {as_id} / slot id {sid} out of range")
     return as_id, sid
 

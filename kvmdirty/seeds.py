@@ -238,7 +238,7 @@ class _BitmapDesign:
         # (what synchronize_srcu gives the kernel).  Only then is old quiescent.
         mmu.flush_remote_tlbs()
         flush_first = bool(mmu.faults & _mmu.FAULT_FLUSH_BEFORE_PROTECT)
-        pages, _, _ = _seeds.protect_bitmap(old, mmu, slot)
+        pages, _, _ = _seeds.protect_bitmap(old, mmu, slot, self._npages[slot])
         if pages and not flush_first:
             mmu.flush_remote_tlbs()        # drop writable TLB entries of the re-protected pages
         return old

@@ -165,11 +165,21 @@ class VM:
     pml:             model Intel PML (cpu_dirty_log_size 512: bigger ring reserve).
     faults:          deliberate ordering bugs, names from FAULTS (for verifier tests).
     design_options:  keyword arguments of the seed design (e.g. {"entries": 1024}).
+    address_spaces, max_vcpus, max_vcpu_ids: the host's limits (x86 defaults;
+                     kvmdirty.info.host_vm_options() reads them off /dev/kvm so
+                     that the simulator answers as this host's kernel does).
     """
 
     def __init__(self, *, design: str = "kvm", design_options: Optional[dict] = None,
                  log_every_write: bool = False, protect: str = "exact", pml: bool = False,
-                 faults=()) -> None:
+                 faults=(), address_spaces: int = ADDRESS_SPACES, max_vcpus: int = MAX_VCPUS,
+                 max_vcpu_ids: int = MAX_VCPU_IDS) -> None:
+        for name, v, lo, hi in (("address_spaces", address_spaces, 1, 2),
+                                ("max_vcpus", max_vcpus, 1, 1 << 16),
+                                ("max_vcpu_ids", max_vcpu_ids, 1, 1 << 20)):
+            if not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+        self.address_spaces, self.max_vcpus, self.max_vcpu_ids = address_spaces, max_vcpus, max_vcpu_ids
         if protect not in ("exact", "range"):
             raise ValueError(f"protect must be 'exact' or 'range', got {protect!r}")
         bits = 0
@@ -235,9 +245,9 @@ class VM:
         return {
             _uapi.CAP_MANUAL_DIRTY_LOG_PROTECT2: MANUAL_CAPS,
             _uapi.CAP_NR_MEMSLOTS: USER_MEM_SLOTS,
-            _uapi.CAP_MAX_VCPUS: MAX_VCPUS,
-            _uapi.CAP_NR_VCPUS: min(os.cpu_count() or 1, MAX_VCPUS),
-            _uapi.CAP_MULTI_ADDRESS_SPACE: ADDRESS_SPACES,
+            _uapi.CAP_MAX_VCPUS: self.max_vcpus,
+            _uapi.CAP_NR_VCPUS: min(os.cpu_count() or 1, self.max_vcpus),
+            _uapi.CAP_MULTI_ADDRESS_SPACE: self.address_spaces,
         }.get(cap, 0)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
@@ -325,7 +335,7 @@ class VM:
             raise KvmError(errno.EINVAL, ioctl, "memory_size is not page aligned")
         if gpa & (PAGE_SIZE - 1):
             raise KvmError(errno.EINVAL, ioctl, "guest_phys_addr is not page aligned")
-        if (slot >> 16) >= ADDRESS_SPACES:
+        if (slot >> 16) >= self.address_spaces:
             raise KvmError(errno.EINVAL, ioctl, f"address space {slot >> 16} out of range")
         if gpa + size >= 1 << 64:
             raise KvmError(errno.EINVAL, ioctl, "guest_phys_addr + memory_size overflows")
@@ -420,9 +430,9 @@ class VM:
         ioctl = "KVM_CREATE_VCPU"
         self._check_open(ioctl)
         vcpu_id = u64(vcpu_id, "vcpu_id")
-        if vcpu_id >= MAX_VCPU_IDS:
-            raise KvmError(errno.EINVAL, ioctl, f"vcpu id {vcpu_id} >= {MAX_VCPU_IDS}")
-        if len(self.vcpus) >= MAX_VCPUS:
+        if vcpu_id >= self.max_vcpu_ids:
+            raise KvmError(errno.EINVAL, ioctl, f"vcpu id {vcpu_id} >= {self.max_vcpu_ids}")
+        if len(self.vcpus) >= self.max_vcpus:
             raise KvmError(errno.EINVAL, ioctl, "too many vCPUs")
         if vcpu_id in self.vcpus:
             raise KvmError(errno.EEXIST, ioctl, f"vcpu {vcpu_id} exists")
@@ -446,7 +456,7 @@ class VM:
     def _logged_slot(self, slot: int, ioctl: str, first_page: Optional[int] = None) -> MemSlot:
         if not self.uses_bitmap or self.design is not None:
             raise KvmError(errno.ENXIO, ioctl, "this VM does not log into KVM's dirty bitmaps")
-        split_slot(slot, ioctl)
+        split_slot(slot, ioctl, self.address_spaces)
         if first_page is not None and first_page & 63:
             raise KvmError(errno.EINVAL, ioctl, "first_page is not a multiple of 64")
         s = self.slots.get(slot)

@@ -52,6 +52,10 @@ static inline void *kd_xchg_ptr(void **p, void *v)
  * handshake (like smp_mb() in kvm_vcpu_exiting_guest_mode). */
 static inline void kd_smp_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
+/* Stop the compiler moving memory accesses across this point (no CPU fence):
+ * used where fault injection must keep a deliberately wrong order. */
+static inline void kd_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
+
 /* Let the sibling hyper-thread run while we spin on a flag. */
 static inline void kd_cpu_relax(void)
 {

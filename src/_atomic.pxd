@@ -37,6 +37,7 @@ cdef extern from "_atomic.h" nogil:
     void *kd_xchg_ptr(void **p, void *v)
 
     void kd_smp_mb()
+    void kd_compiler_barrier()
     void kd_cpu_relax()
     int kd_ctz64(uint64_t x)
     int kd_clz64(uint64_t x)

@@ -55,6 +55,7 @@ cdef class _Sink:
         cap = getattr(sink, "_kd_sink", None)
         if cap is not None and PyCapsule_CheckExact(cap):
             self.c = <kd_sink *>PyCapsule_GetPointer(cap, KD_SINK_CAPSULE)
+            self.keep = cap      # the capsule keeps the sink's owner alive
             self.kind = SINK_C
             return 0
         if callable(sink):
@@ -198,6 +199,7 @@ cdef size_t _popcount(const uint64_t *w, size_t n) noexcept nogil:
 def popcount(const uint64_t[::1] words not None):
     """Number of set bits."""
     cdef size_t n = words.shape[0], total = 0
+    _check_aligned(words, "words")
     if n == 0:
         return 0
     with nogil:
@@ -247,6 +249,7 @@ def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
     cdef size_t n = words.shape[0], i = 0
     cdef GfnBuf b
     cdef int err = 0
+    _check_aligned(words, "words")
     b.p = NULL
     b.n = b.cap = 0
     if n:
@@ -326,8 +329,7 @@ def test_bit(const uint64_t[::1] words not None, uint64_t nr):
     """Whether bit ``nr`` is set (load-acquire)."""
     if nr >= <uint64_t>words.shape[0] * 64:
         raise IndexError(f"bit {nr} out of range for {words.shape[0]} words")
-    if (<uintptr_t>&words[0]) % 8:
-        raise ValueError("words must be 8-byte aligned for atomic access")
+    _check_aligned(words, "words")
     return (kd_load_acquire_u64(&words[nr >> 6]) >> (nr & 63)) & 1 == 1
 
 

@@ -15,9 +15,9 @@ from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR, EBADF, EINVAL
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from posix.fcntl cimport open as c_open, O_RDWR, O_CLOEXEC
-from posix.mman cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
+from posix.mman cimport (mmap, munmap, mprotect, PROT_NONE, PROT_READ, PROT_WRITE, MAP_SHARED,
                          MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE)
 from posix.unistd cimport close as c_close
 
@@ -184,6 +184,8 @@ cdef class Mapping:
 
     def __init__(self, size, *, readonly=False):
         """Anonymous private, MAP_NORESERVE mapping of `size` bytes (rounded up to pages)."""
+        if self.addr != NULL:
+            raise TypeError("Mapping is already initialized")
         cdef uint64_t n = _u64(size, "size")
         if n == 0:
             raise ValueError("size must be > 0")
@@ -195,8 +197,9 @@ cdef class Mapping:
 
     cdef int _map(self, size_t n, int prot, int flags, int fd, long off) except -1:
         cdef void *p = mmap(NULL, n, prot, flags, fd, off)
+        cdef int err = errno
         if p == MAP_FAILED:
-            raise _kvm_error(errno, "mmap", f"{n} bytes")
+            raise _kvm_error(err, "mmap", f"{n} bytes")
         self.addr = p
         self.size = n
         self.shape[0] = <Py_ssize_t>n
@@ -318,11 +321,14 @@ cdef class _Fd:
         """An ioctl taking an integer argument; its non-negative result."""
         cdef int fd = self._acquire(name)
         cdef long r
+        cdef int err = 0
         try:
             with nogil:
                 r = ioctl(fd, req, arg)
+                if r < 0:
+                    err = errno      # before anything else can overwrite it
             if r < 0:
-                raise _kvm_error(errno, name)
+                raise _kvm_error(err, name)
             return r
         finally:
             self._release()
@@ -331,11 +337,14 @@ cdef class _Fd:
         """An ioctl taking a pointer to a struct we own; GIL released."""
         cdef int fd = self._acquire(name)
         cdef long r
+        cdef int err = 0
         try:
             with nogil:
                 r = ioctl(fd, req, arg)
+                if r < 0:
+                    err = errno      # before anything else can overwrite it
             if r < 0:
-                raise _kvm_error(errno, name)
+                raise _kvm_error(err, name)
             return r
         finally:
             self._release()
@@ -439,18 +448,24 @@ cdef class Vm(_Fd):
         return out
 
     def clear_dirty_log(self, slot, first_page, num_pages, bitmap) -> None:
-        """KVM_CLEAR_DIRTY_LOG; bitmap: uint64 words, at least ceil(num_pages/64)."""
+        """KVM_CLEAR_DIRTY_LOG; bitmap: ceil(num_pages/64) uint64 words (fewer: EFAULT, as the kernel)."""
         cdef kvm_clear_dirty_log c
         memset(&c, 0, sizeof(c))
         c.slot = _u32(slot, "slot")
         c.first_page = _u64(first_page, "first_page")
         c.num_pages = _u32(num_pages, "num_pages")
         cdef const uint64_t[::1] words = _as_words(bitmap)
-        # The kernel reads ALIGN(num_pages, 64) / 8 bytes from the bitmap.
-        need = (<uint64_t>c.num_pages + 63) // 64
-        if <uint64_t>words.shape[0] < need:
-            raise ValueError(f"bitmap has {words.shape[0]} words; num_pages={c.num_pages} needs {need}")
-        c.dirty_bitmap = <void *>&words[0] if words.shape[0] else NULL
+        cdef uint64_t have = words.shape[0]
+        cdef Mapping guard = None
+        # The kernel reads ALIGN(num_pages, 64) / 8 bytes from the bitmap (after
+        # its slot and range checks). A short bitmap is copied to end exactly at
+        # an inaccessible page, so the kernel fails with its own EFAULT, in its
+        # own order, without reading past memory we own.
+        if have < (<uint64_t>c.num_pages + 63) // 64:
+            guard = _guarded_copy(words)
+            c.dirty_bitmap = <char *>guard.addr + guard.size - _PAGE_SIZE - have * 8
+        elif have:
+            c.dirty_bitmap = <void *>&words[0]
         self._ioctl_ptr(KVM_CLEAR_DIRTY_LOG, &c, "KVM_CLEAR_DIRTY_LOG")
 
     def reset_dirty_rings(self) -> int:
@@ -462,6 +477,19 @@ cdef class Vm(_Fd):
         v.fd = self._ioctl_val(KVM_CREATE_VCPU, i, "KVM_CREATE_VCPU")
         v._map_run(self.vcpu_mmap_size)
         return v
+
+
+cdef Mapping _guarded_copy(const uint64_t[::1] words):
+    """`words` copied to end right before a PROT_NONE page."""
+    cdef size_t n = words.shape[0]
+    cdef size_t data = (n * 8 + _PAGE_SIZE - 1) // _PAGE_SIZE * _PAGE_SIZE
+    cdef Mapping m = Mapping(data + _PAGE_SIZE)
+    cdef char *end = <char *>m.addr + data
+    if mprotect(end, _PAGE_SIZE, PROT_NONE) != 0:
+        raise _kvm_error(errno, "mprotect")
+    if n:
+        memcpy(end - n * 8, &words[0], n * 8)
+    return m
 
 
 cdef object _as_words(object bitmap):

@@ -26,7 +26,7 @@ from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_seqcst
                       kd_load_relaxed_u64, kd_store_relaxed_u64, kd_fetch_or_u64,
                       kd_fetch_andnot_u64, kd_load_acquire_ptr, kd_store_release_ptr, kd_smp_mb, kd_cpu_relax,
                       kd_ctz64, kd_clz64)
-from _sink cimport kd_sink, kd_tracker, KD_SINK_CAPSULE, KD_RING_CAPSULE, KD_TRACKER_CAPSULE, KD_NO_VCPU
+from _sink cimport kd_sink, kd_tracker, kd_owned_capsule, KD_SINK_CAPSULE, KD_RING_CAPSULE, KD_TRACKER_CAPSULE, KD_NO_VCPU
 from _ringcore cimport kd_ring, kd_ring_push, kd_ring_used, KD_PUSH_OK, KD_PUSH_SOFT_FULL, KD_PUSH_FULL
 from _uapi cimport (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_EXIT_HLT, KVM_EXIT_MMIO,
                     KVM_EXIT_DIRTY_RING_FULL)
@@ -254,9 +254,12 @@ cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
         if s == NULL or gfn - s.base_gfn >= s.npages or gfn < s.base_gfn:
             s = _slot_by_gfn(m, gfn, &si)
             if s == NULL or s.flags & KVM_MEM_READONLY:
-                # No memslot, or a read-only one: the write exits to user space as MMIO.
+                # No memslot, or a read-only one: the write goes to user space
+                # as MMIO.  KVM retires the instruction with the exit, so it
+                # counts as done and a resume goes on with the next write.
                 s = NULL
                 reason = KVM_EXIT_MMIO
+                i += 1
                 break
         rel = gfn - s.base_gfn
         w = rel >> 6
@@ -405,7 +408,6 @@ cdef class Mmu:
     """The simulated page tables of one VM, and its vCPUs' shared state."""
     cdef kd_mmu *m
     cdef kd_sink sink
-    cdef readonly object _kd_sink
     cdef list _slot_arrays
     cdef list _vcpus
     cdef object _tracker
@@ -416,9 +418,13 @@ cdef class Mmu:
             raise MemoryError()
         self.sink.protect = _protect
         self.sink.ctx = self.m
-        self._kd_sink = PyCapsule_New(&self.sink, KD_SINK_CAPSULE, NULL)
         self._slot_arrays = []
         self._vcpus = []
+
+    @property
+    def _kd_sink(self):
+        """PyCapsule (KD_SINK_CAPSULE) of this MMU's masked write-protect; keeps the MMU alive."""
+        return kd_owned_capsule(&self.sink, KD_SINK_CAPSULE, self)
 
     def __dealloc__(self):
         if self.m != NULL:

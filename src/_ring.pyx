@@ -25,7 +25,7 @@ import numpy as np
 
 from _atomic cimport kd_load_acquire_u32, kd_load_relaxed_u32
 from _uapi cimport kvm_dirty_gfn
-from _sink cimport kd_sink, KD_RING_CAPSULE
+from _sink cimport kd_sink, kd_owned_capsule, KD_RING_CAPSULE
 from _ringcore cimport (kd_ring, kd_ring_used, kd_ring_push, kd_ring_push_many,
                         kd_ring_collect, kd_ring_collect_relaxed, kd_ring_reset,
                         kd_batcher, kd_batcher_init, kd_batch_log, kd_batch_log_protect,
@@ -155,7 +155,7 @@ cdef class DirtyRing:
         if self._closed:
             raise ValueError("the dirty ring is closed")
         self._capsule_taken = True
-        return PyCapsule_New(&self.r, KD_RING_CAPSULE, NULL)
+        return kd_owned_capsule(&self.r, KD_RING_CAPSULE, self)
 
     # -- kernel side ------------------------------------------------------
     def push(self, slot, offset):
@@ -202,7 +202,9 @@ cdef class DirtyRing:
         batch.  Returns the number of entries reset.  The TLB flush is the caller's.
         """
         cdef kd_sink *cs = NULL
-        cdef int kind = kd_sink_resolve(sink, &cs)
+        # cap stays referenced (and its owner alive) for the whole call.
+        cap = getattr(sink, "_kd_sink", None) if sink is not None else None
+        cdef int kind = kd_sink_resolve(sink, cap, &cs)
         cdef kd_batcher b
         cdef kd_batch_log log
         cdef uint32_t count
@@ -280,8 +282,9 @@ cdef class DirtyRing:
         def __get__(self):
             return self._fetch
         def __set__(self, v):
+            cdef uint32_t f = _uint(v, "fetch_index", _U32_MAX)   # validate before entering
             self._enter(BUSY_COLLECT)
-            self._fetch = _uint(v, "fetch_index", _U32_MAX)
+            self._fetch = f
             self._leave(BUSY_COLLECT)
 
     # -- views and state --------------------------------------------------

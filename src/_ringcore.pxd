@@ -8,7 +8,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from _uapi cimport kvm_dirty_gfn, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
 from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_relaxed_u32,
                       kd_load_relaxed_u32, kd_load_relaxed_u64, kd_cmpxchg_u32,
-                      kd_fetch_add_u64, kd_cpu_relax)
+                      kd_fetch_add_u64, kd_cpu_relax, kd_compiler_barrier)
 from _sink cimport kd_sink, kd_protect_fn, KD_SINK_CAPSULE
 
 ctypedef struct kd_ring:
@@ -35,6 +35,9 @@ cdef enum:
 # so a concurrent collector can actually observe the bug.
 cdef enum:
     KD_PUBLISH_EARLY_SPIN = 16
+    # relaxed_collect's window must catch a push that lands while the
+    # collector waits at the ring head: make it microseconds wide.
+    KD_RELAXED_COLLECT_SPIN = 512
 
 
 cdef inline uint32_t kd_ring_used(kd_ring *r) noexcept nogil:
@@ -50,6 +53,8 @@ cdef inline void kd_gfn_publish(kvm_dirty_gfn *e, uint32_t slot, uint64_t offset
         # BUG on purpose: DIRTY is visible before the payload; a collector may
         # read the previous lap's slot/offset.
         kd_store_release_u32(&e.flags, KVM_DIRTY_GFN_F_DIRTY)
+        # Keep the compiler from moving the payload stores back above the flag.
+        kd_compiler_barrier()
         for k in range(KD_PUBLISH_EARLY_SPIN):
             kd_cpu_relax()
         e.slot = slot
@@ -170,10 +175,17 @@ cdef inline size_t kd_ring_collect_relaxed(kvm_dirty_gfn *gfns, uint32_t size, u
     cdef uint32_t m = size - 1, s
     cdef uint64_t o
     cdef kvm_dirty_gfn *e
+    cdef int k
     while n < max_count:
         e = &gfns[(fetch + <uint32_t>n) & m]
         s = e.slot
         o = e.offset
+        # Keep the compiler from sinking the payload loads below the flag load.
+        kd_compiler_barrier()
+        # Widen the window between the hoisted payload loads and the flag
+        # load, as publish_early's spin does, so a test can observe the bug.
+        for k in range(KD_RELAXED_COLLECT_SPIN):
+            kd_cpu_relax()
         if kd_load_relaxed_u32(&e.flags) != KVM_DIRTY_GFN_F_DIRTY:
             break
         slots[n] = s
@@ -284,11 +296,12 @@ cdef enum:
     KD_SINK_PY = 2       # a Python callable(slot, first_page, mask), called with the GIL
 
 
-cdef inline int kd_sink_resolve(object sink, kd_sink **out) except -1:
+cdef inline int kd_sink_resolve(object sink, object cap, kd_sink **out) except -1:
+    """Classify a sink; ``cap`` is getattr(sink, "_kd_sink", None), which the
+    caller keeps referenced for the whole call (the capsule keeps its owner alive)."""
     out[0] = NULL
     if sink is None:
         return KD_SINK_NONE
-    cap = getattr(sink, "_kd_sink", None)
     if cap is not None and PyCapsule_IsValid(cap, KD_SINK_CAPSULE):
         out[0] = <kd_sink *>PyCapsule_GetPointer(cap, KD_SINK_CAPSULE)
         return KD_SINK_C

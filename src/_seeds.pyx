@@ -25,7 +25,8 @@ from _atomic cimport (kd_load_acquire_u16, kd_load_relaxed_u16, kd_store_release
                       kd_store_release_u32, kd_cmpxchg_u32, kd_fetch_add_u64,
                       kd_load_relaxed_u64, kd_load_acquire_ptr, kd_store_release_ptr,
                       kd_cpu_relax, kd_popcount64)
-from _sink cimport (kd_sink, kd_tracker, KD_TRACKER_CAPSULE, KD_RING_CAPSULE, KD_NO_VCPU)
+from _sink cimport (kd_sink, kd_tracker, kd_owned_capsule, KD_TRACKER_CAPSULE, KD_RING_CAPSULE,
+                   KD_NO_VCPU)
 from _uapi cimport KVM_EXIT_DIRTY_RING_FULL
 from _ringcore cimport (kd_ring, kd_ring_used, kd_ring_push_shared, kd_batcher, kd_batcher_init,
                         kd_batcher_add, kd_batcher_flush, kd_batch_log, kd_batch_log_protect,
@@ -98,6 +99,13 @@ cdef inline int _iring_push_locked(kd_iring *r, uint32_t slot, uint64_t offset) 
     # Release: our entry and index stores happen before the next writer's.
     kd_store_release_u32(&r.lock, 0)
     return rc
+
+
+cdef bint _iring_fetch_valid(kd_iring *r) noexcept nogil:
+    """Whether user space's fetch_index lies within what the kernel pushed (as _iring_reset checks)."""
+    cdef uint32_t ri = r.reset_index
+    return <uint16_t>(kd_load_acquire_u16(r.fetch) - <uint16_t>ri) <= \
+        kd_load_relaxed_u32(&r.dirty_index) - ri
 
 
 cdef long _iring_reset(kd_iring *r, kd_batcher *b) noexcept nogil:
@@ -278,7 +286,11 @@ cdef class IndexedRingSet:
     """Seed 000/002's rings of one VM: per vCPU plus the per-VM ring; the MMU tracker."""
     cdef kd_iset s
     cdef kd_tracker t
-    cdef readonly object _kd_tracker
+
+    @property
+    def _kd_tracker(self):
+        """PyCapsule (KD_TRACKER_CAPSULE) for Mmu.set_tracker; keeps this object alive."""
+        return kd_owned_capsule(&self.t, KD_TRACKER_CAPSULE, self)
     cdef readonly IndexedRing vm_ring
     cdef dict _rings
     cdef readonly object entries
@@ -295,7 +307,6 @@ cdef class IndexedRingSet:
         self.t.still_full = _iset_still_full
         self.t.full_exit = EXIT_DIRTY_LOG_FULL
         self.t.ctx = &self.s
-        self._kd_tracker = PyCapsule_New(&self.t, KD_TRACKER_CAPSULE, NULL)
 
     def __dealloc__(self):
         free(self.s.by_vcpu)
@@ -314,7 +325,11 @@ cdef class IndexedRingSet:
         return r
 
     def ring(self, vcpu_id):
-        return self._rings[vcpu_id]
+        """The list of vCPU ``vcpu_id`` (ValueError if it has none)."""
+        r = self._rings.get(vcpu_id) if isinstance(vcpu_id, int) else None
+        if r is None:
+            raise ValueError(f"no dirty list for vCPU {vcpu_id!r}")
+        return r
 
     @property
     def rings(self):
@@ -330,12 +345,18 @@ cdef class IndexedRingSet:
         """
         cdef IndexedRing r
         cdef kd_sink *cs = NULL
-        cdef int kind = kd_sink_resolve(sink, &cs)
+        cap = getattr(sink, "_kd_sink", None) if sink is not None else None
+        cdef int kind = kd_sink_resolve(sink, cap, &cs)
         cdef kd_batcher b
         cdef kd_batch_log log
         cdef long n, total = 0
         cdef uint32_t[::1] ls
         cdef uint64_t[::1] lf, lm
+        # Validate every ring first: a bad fetch_index anywhere changes nothing
+        # anywhere (no ring half-reset without the caller's TLB flush).
+        for r in self.rings:
+            if not _iring_fetch_valid(&r.r):
+                return -1
         if kind == KD_SINK_PY:
             a_s = np.empty(self.entries, np.uint32)
             a_f = np.empty(self.entries, np.uint64)
@@ -390,7 +411,11 @@ cdef class SharedRingTracker:
     A vCPU exits with KVM_EXIT_DIRTY_RING_FULL once the ring is soft-full.
     """
     cdef kd_tracker t
-    cdef readonly object _kd_tracker
+
+    @property
+    def _kd_tracker(self):
+        """PyCapsule (KD_TRACKER_CAPSULE) for Mmu.set_tracker; keeps this object alive."""
+        return kd_owned_capsule(&self.t, KD_TRACKER_CAPSULE, self)
     cdef readonly object ring
 
     def __cinit__(self, ring):
@@ -399,7 +424,6 @@ cdef class SharedRingTracker:
         self.t.mark = _shared_mark
         self.t.still_full = _shared_still_full
         self.t.full_exit = KVM_EXIT_DIRTY_RING_FULL
-        self._kd_tracker = PyCapsule_New(&self.t, KD_TRACKER_CAPSULE, NULL)
 
 
 def push_many_shared(ring, const uint32_t[::1] slots not None, const uint64_t[::1] offsets not None):
@@ -423,33 +447,49 @@ def push_many_shared(ring, const uint32_t[::1] slots not None, const uint64_t[::
 
 # ---------------------------------------------------------------- switched bitmaps
 
-def protect_bitmap(const uint64_t[::1] words not None, sink, unsigned int slot):
+def protect_bitmap(const uint64_t[::1] words not None, sink, unsigned int slot, npages=None):
     """Masked write-protect of every set bit of a retired (quiescent) bitmap.
+
+    With ``npages``, bits at or past the slot's end (garbage user space may
+    have written) are ignored, so the real pages of the last word are still
+    protected rather than the whole batch being dropped as out of range.
 
     ``sink``: an object with a ``_kd_sink`` capsule (the Mmu) or a callable
     (slot, first_page, mask) returning False when it drops the batch.
     Returns (pages, batches, dropped).
     """
     cdef kd_sink *cs = NULL
-    cdef int kind = kd_sink_resolve(sink, &cs)
+    cap = getattr(sink, "_kd_sink", None) if sink is not None else None
+    cdef int kind = kd_sink_resolve(sink, cap, &cs)
     cdef size_t i, n = words.shape[0]
-    cdef uint64_t w, pages = 0, batches = 0, dropped = 0
+    cdef uint64_t w, pages = 0, batches = 0, dropped = 0, last_mask = <uint64_t>-1
     if n and (<uintptr_t>&words[0]) & 7:
         raise ValueError("words must be 8-byte aligned")
+    if npages is not None:
+        if npages < 0:
+            raise ValueError("npages must be non-negative")
+        if (npages + 63) >> 6 < n:
+            n = (npages + 63) >> 6
+        if npages & 63 and n == (npages + 63) >> 6:
+            last_mask = ((<uint64_t>1) << (npages & 63)) - 1
     if kind == KD_SINK_C:
         with nogil:
             for i in range(n):
                 # Relaxed: the flush that retired this bitmap ordered every
                 # vCPU's fetch-or into it before us (its ack is a release).
                 w = kd_load_relaxed_u64(&words[i])
+                if i + 1 == n:
+                    w &= last_mask
                 if w:
                     pages += kd_popcount64(w)
                     batches += 1
                     if cs.protect(cs.ctx, slot, <uint64_t>i * 64, w) == 0:
                         dropped += 1
     elif kind == KD_SINK_PY:
-        for i in np.flatnonzero(np.asarray(words)):
-            w = words[i]
+        for i in np.flatnonzero(np.asarray(words)[:n]):
+            w = words[i] & (last_mask if i + 1 == n else <uint64_t>-1)
+            if not w:
+                continue
             pages += kd_popcount64(w)
             batches += 1
             if sink(slot, int(i) * 64, int(w)) is False:

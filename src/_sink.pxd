@@ -3,6 +3,8 @@
 # An object offers one through a PyCapsule named KD_SINK_CAPSULE in its
 # `_kd_sink` attribute; the capsule points at a kd_sink that lives as long
 # as the object.
+from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetContext, PyCapsule_SetContext
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint32_t, uint64_t
 
 # Returns 1 if the batch was applied, 0 if it was dropped (bad slot, or past
@@ -45,3 +47,17 @@ cdef extern from *:
     """
     const char *KD_TRACKER_CAPSULE
     const unsigned int KD_NO_VCPU
+
+
+# Capsules that keep their owner alive: the capsule holds a reference to the
+# object whose C struct it points into, dropped when the capsule dies, so a
+# capsule (or whatever keeps it) can never outlive the memory it points at.
+cdef inline void kd_capsule_release(object capsule) noexcept:
+    Py_XDECREF(<PyObject *>PyCapsule_GetContext(capsule))
+
+
+cdef inline object kd_owned_capsule(void *ptr, const char *name, object owner):
+    cap = PyCapsule_New(ptr, name, kd_capsule_release)
+    Py_INCREF(owner)
+    PyCapsule_SetContext(cap, <void *>owner)
+    return cap

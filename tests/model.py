@@ -90,11 +90,15 @@ class ModelVM:
         return None, None
 
     def write(self, gfns: List[int], value: int) -> int:
-        """Run a plan; return the number of writes done (stops at a page with no slot)."""
+        """Run a plan; return the number of writes done.
+
+        A write to a page with no slot (or a read-only one) is an MMIO exit:
+        it counts as done, and the run stops after it.
+        """
         for i, gfn in enumerate(gfns):
             sid, s = self.find(gfn)
             if s is None or s.flags & READONLY:
-                return i
+                return i + 1
             page = gfn - s.base
             if page not in s.writable:
                 if s.flags & LOG and s.dirty is not None:

@@ -1,0 +1,205 @@
+"""The `kvmdirty` command.
+
+Subcommands are registered in COMMANDS: each entry adds its parser and
+returns the function that runs it (``args -> exit status``), so new ones
+(e.g. ``bench``) are one function and one line.
+
+    kvmdirty compare   every dirty-tracking design on one workload (the main job)
+    kvmdirty info      what this machine's /dev/kvm offers (kvmdirty.info)
+
+Exit status: 0 ok, 1 a run lost writes or broke the protocol, 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Callable, Dict, List, Optional
+
+from .bench import add_parser as _add_bench
+
+Handler = Callable[[argparse.Namespace], int]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512MiB', '1.5g', '65536' (bytes) -> bytes; binary units."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4G, 512M)")
+    mult = 1 << (10 * "_kmgt".index(m.group(2).lower() or "_")) if m.group(2) else 1
+    return int(float(m.group(1)) * mult)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _rate(text: str):
+    parts = [_positive_int(p) for p in text.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+# -- compare ----------------------------------------------------------------
+def _add_compare(sub) -> Handler:
+    from .runner import CHECKS
+    from .workloads import PATTERNS, Workload
+    d = Workload()
+    p = sub.add_parser("compare", help="compare every dirty-tracking design on one workload",
+                       description="Run one workload under every dirty-tracking design and print "
+                                   "what each one cost, measured in this run, and whether it lost "
+                                   "any write (it must not).")
+    g = p.add_argument_group("scenario")
+    g.add_argument("--memory", type=parse_size, default=4 << 30, help="guest memory (default 4G)")
+    g.add_argument("--vcpus", type=_positive_int, default=4, help="vCPUs (default 4)")
+    g.add_argument("--slots", type=_positive_int, default=1, help="memslots memory is split into (default 1)")
+    g.add_argument("--pattern", choices=PATTERNS, default="uniform", help="write pattern (default uniform)")
+    g.add_argument("--hot-fraction", type=float, default=d.hot_fraction,
+                   help=f"hotcold: fraction of memory that is hot (default {d.hot_fraction})")
+    g.add_argument("--hot-share", type=float, default=d.hot_share,
+                   help=f"hotcold: share of writes to hot pages (default {d.hot_share})")
+    g.add_argument("--stride", type=_positive_int, default=d.stride,
+                   help=f"strided: pages between writes (default {d.stride})")
+    g.add_argument("--zipf-s", type=float, default=d.zipf_s, help=f"zipf: exponent (default {d.zipf_s})")
+    g.add_argument("--trace", help="trace: file of gfns (.npy or text; see kvmdirty.workloads)")
+    amount = g.add_mutually_exclusive_group()
+    amount.add_argument("--writes", type=_positive_int, default=None,
+                        help="writes per vCPU (default 2000000)")
+    amount.add_argument("--duration", type=float, default=None,
+                        help="seconds per design instead of a write count (threads only)")
+    g.add_argument("--rate", type=_rate, default=None,
+                   help="writes per step per vCPU, one number or a comma list (default 4096 "
+                        "with threads, 1024 deterministic)")
+    t = p.add_argument_group("tracking")
+    t.add_argument("--designs", default=None,
+                   help="comma list of designs (default: all; see --list-designs)")
+    t.add_argument("--list-designs", action="store_true", help="print the designs and exit")
+    t.add_argument("--ring-entries", type=_positive_int, default=4096,
+                   help="dirty ring entries per vCPU (default 4096)")
+    t.add_argument("--interval", type=float, default=10.0,
+                   help="threads: harvest every this many ms (default 10)")
+    t.add_argument("--period", type=_positive_int, default=8,
+                   help="deterministic: harvest every this many steps (default 8)")
+    r = p.add_argument_group("run")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--threads", dest="mode", action="store_const", const="threads",
+                      help="vCPUs in threads, truly concurrent (default)")
+    mode.add_argument("--deterministic", dest="mode", action="store_const", const="deterministic",
+                      help="vCPUs interleaved in one thread by a seeded schedule")
+    r.add_argument("--seed", type=int, default=0, help="seed of the workload and schedule (default 0)")
+    r.add_argument("--check", choices=CHECKS, default="shadow",
+                   help="verifier: shadow copy (default), the kernel selftest's check, both, none")
+    r.add_argument("--rounds", type=_positive_int, default=None,
+                   help="rounds with the vCPUs stopped in between (default 1; 8 with --check selftest)")
+    r.add_argument("--backend", choices=("sim", "kvm"), default="sim",
+                   help="simulator (default) or the real /dev/kvm (use small sizes)")
+    r.add_argument("--json", action="store_true", help="machine-readable output, no progress bar")
+    p.set_defaults(mode="threads")
+    return _compare
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .collectors import BASE_DESIGNS, all_designs
+    from .compare import compare, format_table, to_json
+    from .progress import Progress
+    from .runner import RunSpec
+    from .workloads import Workload
+
+    if args.list_designs:
+        print("\n".join(all_designs()))
+        return 0
+    if args.backend == "kvm":
+        err = _kvm_unusable()
+        if err:
+            print(f"kvmdirty compare: --backend kvm: {err}", file=sys.stderr)
+            return 2
+    designs: Optional[List[str]] = None
+    if args.designs:
+        designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    elif args.backend == "kvm":
+        designs = [d for d in all_designs() if d in BASE_DESIGNS]
+    rounds = args.rounds or (8 if args.check in ("selftest", "both") else 1)
+    spec = RunSpec(
+        memory=args.memory, slots=args.slots, vcpus=args.vcpus,
+        workload=Workload(args.pattern, hot_fraction=args.hot_fraction, hot_share=args.hot_share,
+                          stride=args.stride, zipf_s=args.zipf_s, trace=args.trace),
+        writes=args.writes or 2_000_000, duration=args.duration,
+        rate=args.rate or (4096 if args.mode == "threads" else 1024),
+        mode=args.mode, period=args.period, interval=args.interval / 1e3,
+        ring_entries=args.ring_entries, rounds=rounds, check=args.check,
+        seed=args.seed, backend=args.backend)
+    with Progress(len(designs or all_designs()), enabled=None if not args.json else False) as bar:
+        results = compare(spec, designs, progress=bar)
+    if args.json:
+        json.dump(to_json(results, spec), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(results, spec))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _kvm_unusable() -> Optional[str]:
+    """Why the real-KVM backend cannot run here, or None."""
+    try:
+        from .kvm import KvmVM
+    except ImportError as e:
+        return f"the real-KVM backend is not available ({e})"
+    try:
+        KvmVM().close()
+    except OSError as e:
+        return f"/dev/kvm is not usable ({e})"
+    return None
+
+
+# -- info -------------------------------------------------------------------
+def _add_info(sub) -> Handler:
+    sub.add_parser("info", help="what this machine's /dev/kvm offers for dirty tracking")
+    return _info
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import format_info, kvm_info
+    print(format_info(kvm_info()))
+    return 0
+
+
+#: (name, register): register(subparsers) adds the parser and returns its handler.
+COMMANDS = [
+    ("compare", _add_compare),
+    ("info", _add_info),
+    ("bench", _add_bench),
+]
+
+
+def build_parser() -> "tuple[argparse.ArgumentParser, Dict[str, Handler]]":
+    parser = argparse.ArgumentParser(
+        prog="kvmdirty", description="Linux KVM dirty-page tracking, simulated and real.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"kvmdirty {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    handlers = {name: register(sub) for name, register in COMMANDS}
+    return parser, handlers
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return handlers[args.command](args)
+    except (ValueError, OSError) as e:
+        print(f"kvmdirty {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kvmdirty {args.command}: interrupted", file=sys.stderr)
+        return 130

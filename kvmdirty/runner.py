@@ -1,0 +1,431 @@
+"""Run N vCPUs over their write plans while a collector harvests, and measure it.
+
+Two ways to run the vCPUs:
+
+threads        one Python thread per vCPU (``vcpu.run`` releases the GIL in
+               the write loop, so they really run in parallel) and the
+               collector in the calling thread, harvesting every ``interval``
+               seconds: real concurrency, real races.
+deterministic  everything in one thread: each step, every vCPU's chunk of
+               ``rate`` writes is cut into slices (``run(max_writes=k)``) that a
+               seeded schedule interleaves with each other and with the
+               harvests (one every ``period`` steps): the same seed gives the
+               same run, write for write.
+
+Either way a vCPU that exits with DIRTY_RING_FULL (or a seed design's full
+exit) makes its own thread harvest every ring, as QEMU's vCPU threads do, and
+then resumes.  A run is ``rounds`` rounds; at the end of each one the vCPUs are
+stopped and everything is harvested (the selftest's check runs there); the
+last one is the migration's stop-and-copy.  Every number in the result is
+measured in the run.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .api import EXIT_BUDGET, EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL, EXIT_HLT, PAGE_SIZE
+from .collectors import Collector, make_collector
+from .verify import Check, SelftestCheck, ShadowCopy
+from .workloads import Workload, rates
+
+MODES = ("threads", "deterministic")
+CHECKS = ("shadow", "selftest", "both", "none")
+RING_KNOBS = ("publish_early", "relaxed_collect")
+FULL_EXITS = (EXIT_DIRTY_RING_FULL, EXIT_DIRTY_LOG_FULL)
+# A vCPU that keeps exiting "full" without writing after this many harvests is stuck.
+_MAX_IDLE_FULL_EXITS = 1000
+
+
+@dataclass
+class RunSpec:
+    """What to run.  Sizes are per run; ``writes`` is per vCPU (at the highest rate)."""
+
+    design: str = "bitmap"
+    memory: int = 1 << 30
+    slots: int = 1
+    vcpus: int = 4
+    workload: Workload = field(default_factory=Workload)
+    writes: int = 100_000
+    duration: Optional[float] = None
+    rate: Union[int, Sequence[int]] = 1024
+    mode: str = "threads"
+    period: int = 8
+    interval: float = 0.01
+    ring_entries: int = 4096
+    rounds: int = 1
+    check: str = "shadow"
+    seed: int = 0
+    backend: str = "sim"
+    faults: Tuple[str, ...] = ()
+    ring_knobs: Tuple[str, ...] = ()
+    log_every_write: bool = False
+    cpus: Optional[Tuple[int, ...]] = None     # threads: pin every thread of the run to these CPUs
+    vcpu_nice: int = 0                         # threads: niceness added to vCPU threads
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, got {self.check!r}")
+        if self.memory < PAGE_SIZE or self.memory % PAGE_SIZE:
+            raise ValueError(f"memory must be a positive multiple of {PAGE_SIZE} bytes")
+        if not 1 <= self.slots <= self.memory // PAGE_SIZE:
+            raise ValueError("slots must be between 1 and the number of pages")
+        if self.vcpus < 1:
+            raise ValueError("vcpus must be >= 1")
+        if self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if self.duration is None and self.writes < 1:
+            raise ValueError("writes must be >= 1")
+        if self.duration is not None:
+            if self.duration <= 0:
+                raise ValueError("duration must be positive")
+            if self.mode != "threads":
+                raise ValueError("duration needs threads; deterministic runs count writes")
+        if self.period < 1 or self.interval <= 0:
+            raise ValueError("period must be >= 1 step and interval > 0 seconds")
+        for k in self.ring_knobs:
+            if k not in RING_KNOBS:
+                raise ValueError(f"unknown ring knob {k!r}; known: {RING_KNOBS}")
+        if self.ring_knobs and self.design != "ring":
+            raise ValueError("ring knobs need the ring design")
+        if self.cpus is not None and not self.cpus:
+            raise ValueError("cpus must name at least one CPU")
+        if self.backend not in ("sim", "kvm"):
+            raise ValueError(f"backend must be 'sim' or 'kvm', got {self.backend!r}")
+        if self.backend == "kvm" and (self.faults or self.ring_knobs or self.log_every_write):
+            raise ValueError("fault injection and log_every_write need the simulator")
+        rates(self.rate, self.vcpus)
+
+
+@dataclass
+class RunResult:
+    """Everything measured in one run (times in seconds unless named _ns)."""
+
+    design: str
+    mode: str
+    backend: str
+    vcpus: int
+    memory: int
+    pattern: str
+    writes: int
+    wp_faults: Optional[int]
+    pages_harvested: int
+    harvest_calls: int
+    full_exits: int
+    tracking_s: float                  # CPU time of the harvesting threads
+    tracking_ns_per_page: Optional[float]
+    tracking_wall_s: float             # wall time of the same harvests
+    elapsed_s: float
+    writes_per_s: float
+    check: str
+    lost_pages: Optional[int]
+    violations: Optional[int]
+    lost: List[str]
+    problems: List[str]
+    bad_rounds: List[int]              # rounds in which a check found something
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost_pages and not self.violations and not self.problems
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+def layout(memory: int, nslots: int) -> List[Tuple[int, int, int]]:
+    """(slot id, base gfn, npages) for ``nslots`` slots covering memory from gfn 0."""
+    npages = memory // PAGE_SIZE
+    out = []
+    for i in range(nslots):
+        lo, hi = i * npages // nslots, (i + 1) * npages // nslots
+        out.append((i, lo, hi - lo))
+    return out
+
+
+def _open_vm(spec: RunSpec, collector: Collector):
+    kw = collector.vm_options()
+    if spec.backend == "kvm":
+        from .kvm import KvmVM
+        if kw:
+            raise ValueError(f"design {spec.design!r} exists only in the simulator")
+        return KvmVM()
+    from .vm import VM
+    return VM(faults=spec.faults, log_every_write=spec.log_every_write, **kw)
+
+
+class Runner:
+    """One run of a RunSpec; ``run()`` returns the RunResult."""
+
+    def __init__(self, spec: RunSpec, on_progress: Optional[Callable[[float], None]] = None) -> None:
+        spec.validate()
+        self.spec = spec
+        self.on_progress = on_progress
+        self.rates = rates(spec.rate, spec.vcpus)
+        top = max(self.rates)
+        # Per-vCPU writes in proportion to its rate; the fastest does `writes`.
+        self.quota = [max(1, spec.writes * r // top) for r in self.rates]
+        self.lock = threading.Lock()
+        self.tracking_ns = 0
+        self.tracking_wall_ns = 0
+        self.calls = 0
+        self.pages = 0
+        # Per-vCPU counters: each is written by its own vCPU's thread only.
+        self.full = [0] * spec.vcpus
+        self.done = [0] * spec.vcpus
+        self.seq = [0] * spec.vcpus
+        self.errors: List[BaseException] = []
+
+    # -- the harvest: every caller goes through here --------------------
+    def harvest(self) -> None:
+        with self.lock:
+            # CPU time of this thread: on an oversubscribed host the wall time
+            # would also count the time the harvester waited for a CPU.
+            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+            h = self.collector.harvest()
+            self.tracking_ns += time.thread_time_ns() - c0
+            self.tracking_wall_ns += time.perf_counter_ns() - t0
+            self.calls += 1
+            self.pages += sum(len(o) for o in h.values())
+            # Copy while holding the lock, so an older harvest never overwrites a newer one.
+            for c in self.checks:
+                c.absorb(h)
+
+    # -- setup ------------------------------------------------------------
+    def _setup(self) -> None:
+        spec = self.spec
+        self.collector = make_collector(spec.design, spec.ring_entries)
+        self.vm = _open_vm(spec, self.collector)
+        from .vm import MEM_LOG_DIRTY_PAGES
+        self.collector.configure(self.vm)
+        self.slots = layout(spec.memory, spec.slots)
+        for sid, base, n in self.slots:
+            self.vm.set_user_memory_region(sid, base * PAGE_SIZE, n * PAGE_SIZE, MEM_LOG_DIRTY_PAGES)
+        self.vcpus = [self.vm.create_vcpu(i) for i in range(spec.vcpus)]
+        for knob in spec.ring_knobs:
+            for v in self.vcpus:
+                if not hasattr(v.dirty_ring, knob):
+                    raise ValueError(f"this ring has no {knob!r} knob")
+                setattr(v.dirty_ring, knob, True)
+        self.collector.attach(self.vm, self.slots, self.vcpus)
+        self.budgets = "max_writes" in inspect.signature(self.vcpus[0].run).parameters
+        self.per_write_values = spec.backend == "sim"
+        self.plans = spec.workload.plans(spec.vcpus, spec.memory // PAGE_SIZE, spec.seed)
+        self.checks: List[Check] = []
+        if spec.check in ("shadow", "both"):
+            self.checks.append(ShadowCopy(self.vm, self.slots))
+        if spec.check in ("selftest", "both"):
+            self.checks.append(SelftestCheck(self.vm, self.slots,
+                                             initially_set=spec.design == "clear-log"))
+        self.schedule = np.random.default_rng([spec.seed, 0x5C4ED])
+
+    # -- guest values ------------------------------------------------------
+    def _values(self, i: int, n: int, rnd: int):
+        """The selftest writes the round number; otherwise each write is unique."""
+        if self.spec.check in ("selftest", "both"):
+            return rnd
+        tag = (i + 1) << 40
+        if self.per_write_values:
+            vals = np.arange(self.seq[i], self.seq[i] + n, dtype=np.uint64) + np.uint64(tag + 1)
+            self.seq[i] += n
+            return vals
+        self.seq[i] += 1        # real KVM's guest writes one value per plan
+        return tag + self.seq[i]
+
+    # -- running one chunk -----------------------------------------------
+    def _run_vcpu(self, i: int, gfns=None, value=None, budget: Optional[int] = None) -> int:
+        """Run vCPU i (a new chunk, or resume) up to ``budget`` writes; harvest on full exits."""
+        v = self.vcpus[i]
+        left = budget
+        total = idle = 0
+        first = gfns is not None
+        while True:
+            kw = {"max_writes": left} if left is not None else {}
+            ex = v.run(gfns, value, **kw) if first else v.run(**kw)
+            first = False
+            total += ex.writes
+            self.done[i] += ex.writes
+            if left is not None:
+                left -= ex.writes
+            if ex.reason == EXIT_HLT and ex.remaining == 0:
+                return total
+            if ex.reason == EXIT_BUDGET and left == 0:
+                return total
+            if ex.reason in FULL_EXITS:
+                self.full[i] += 1
+                idle = idle + 1 if ex.writes == 0 else 0
+                if idle > _MAX_IDLE_FULL_EXITS:
+                    raise RuntimeError(f"vCPU {i} keeps exiting {ex.name} after harvests")
+                self.harvest()
+                if left == 0:
+                    return total
+                continue
+            raise RuntimeError(f"vCPU {i} exited with {ex.name} ({ex.remaining} writes left)")
+
+    # -- threads ------------------------------------------------------------
+    def _vcpu_thread(self, i: int, quota: int, rnd: int, stop: threading.Event,
+                     finished: Callable[[], None]) -> None:
+        try:
+            if self.spec.cpus is not None:
+                os.sched_setaffinity(0, self.spec.cpus)     # 0: this thread only
+            if self.spec.vcpu_nice:
+                # Only this thread: the harvester keeps its cadence on a busy host.
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.spec.vcpu_nice)
+            while quota > 0 and not stop.is_set():
+                n = min(self.rates[i], quota)
+                self._run_vcpu(i, self.plans[i].take(n), self._values(i, n, rnd))
+                quota -= n
+        except BaseException as e:      # re-raised by the collector thread
+            self.errors.append(e)
+            stop.set()
+        finally:
+            finished()
+
+    def _round_threads(self, quotas: List[int], rnd: int, deadline: Optional[float]) -> None:
+        stop, all_done = threading.Event(), threading.Event()
+        left = [len(quotas)]
+        left_lock = threading.Lock()
+
+        def finished() -> None:
+            with left_lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    all_done.set()
+
+        threads = [threading.Thread(target=self._vcpu_thread, args=(i, q, rnd, stop, finished),
+                                    name=f"vcpu{i}", daemon=True) for i, q in enumerate(quotas)]
+        for t in threads:
+            t.start()
+        try:
+            while not all_done.wait(self.spec.interval):
+                self.harvest()
+                self._progress(deadline)
+                if deadline is not None and time.perf_counter() >= deadline:
+                    stop.set()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        if self.errors:
+            raise self.errors[0]
+
+    # -- deterministic --------------------------------------------------------
+    def _round_deterministic(self, quotas: List[int], rnd: int) -> None:
+        rng, quotas, step = self.schedule, list(quotas), 0
+        while any(quotas):
+            slices: Dict[int, List[int]] = {}
+            tokens: List[int] = []
+            chunks = {}
+            for i, q in enumerate(quotas):
+                if q == 0:
+                    continue
+                n = min(self.rates[i], q)
+                quotas[i] -= n
+                chunks[i] = (self.plans[i].take(n), self._values(i, n, rnd))
+                k = int(rng.integers(1, 5)) if self.budgets and n > 1 else 1
+                cuts = np.sort(rng.choice(np.arange(1, n), size=min(k, n) - 1, replace=False)) \
+                    if k > 1 else np.zeros(0, np.int64)
+                slices[i] = list(np.diff(np.concatenate([[0], cuts, [n]])).astype(int))
+                tokens += [i] * len(slices[i])
+            rng.shuffle(tokens)
+            at = int(rng.integers(0, len(tokens) + 1)) if step % self.spec.period == self.spec.period - 1 else -1
+            for pos, i in enumerate(tokens):
+                if pos == at:
+                    self.harvest()
+                size = slices[i].pop(0)
+                if i in chunks:
+                    gfns, vals = chunks.pop(i)
+                    self._run_vcpu(i, gfns, vals, size if self.budgets else None)
+                else:
+                    self._run_vcpu(i, budget=size)
+            if at == len(tokens):
+                self.harvest()
+            step += 1
+            self._progress(None)
+
+    # -- the whole run ------------------------------------------------------
+    def _progress(self, deadline: Optional[float]) -> None:
+        if self.on_progress is None:
+            return
+        if deadline is not None:
+            total = self.spec.duration
+            frac = 1 - max(0.0, deadline - time.perf_counter()) / total if total else 1.0
+            self.on_progress(min(1.0, (self._rounds_done + frac) / self.spec.rounds))
+        else:
+            self.on_progress(min(1.0, sum(self.done) / max(1, sum(self.quota))))
+
+    def run(self) -> RunResult:
+        spec = self.spec
+        self._setup()
+        saved = None
+        if spec.cpus is not None and spec.mode == "threads":
+            saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, spec.cpus)
+        try:
+            self._rounds_done = 0
+            t0 = time.perf_counter()
+            for rnd in range(1, spec.rounds + 1):
+                quotas = [q * rnd // spec.rounds - q * (rnd - 1) // spec.rounds for q in self.quota]
+                if spec.mode == "threads":
+                    deadline = None
+                    if spec.duration is not None:
+                        deadline = time.perf_counter() + spec.duration / spec.rounds
+                        quotas = [1 << 62] * spec.vcpus
+                    self._round_threads(quotas, rnd, deadline)
+                else:
+                    self._round_deterministic(quotas, rnd)
+                # vCPUs stopped: drain everything logged in the round.
+                self.harvest()
+                for c in self.checks:
+                    c.end_round(rnd)
+                self._rounds_done = rnd
+            elapsed = time.perf_counter() - t0
+            for c in self.checks:
+                c.finish()
+            return self._result(elapsed)
+        finally:
+            if saved is not None:
+                os.sched_setaffinity(0, saved)
+            self.vm.close()
+
+    def _result(self, elapsed: float) -> RunResult:
+        spec = self.spec
+        stats = getattr(self.vm, "stats", None)
+        writes = sum(self.done)
+        shadow = next((c for c in self.checks if c.name == "shadow"), None)
+        selftest = next((c for c in self.checks if c.name == "selftest"), None)
+        problems = list(self.collector.problems)
+        for c in self.checks:
+            if getattr(c, "bogus", 0):
+                problems.append(f"{c.name}: {c.bogus} harvested entries name no page of any slot")
+                break
+        lost = [str(x) for c in self.checks for x in c.details]
+        return RunResult(
+            design=spec.design, mode=spec.mode, backend=spec.backend, vcpus=spec.vcpus,
+            memory=spec.memory, pattern=spec.workload.describe(),
+            writes=writes,
+            wp_faults=int(stats["faults"]) if stats and "faults" in stats else None,
+            pages_harvested=self.pages, harvest_calls=self.calls, full_exits=sum(self.full),
+            tracking_s=self.tracking_ns / 1e9,
+            tracking_ns_per_page=self.tracking_ns / self.pages if self.pages else None,
+            tracking_wall_s=self.tracking_wall_ns / 1e9,
+            elapsed_s=elapsed, writes_per_s=writes / elapsed if elapsed > 0 else 0.0,
+            check=spec.check,
+            lost_pages=shadow.count if shadow else None,
+            violations=selftest.count if selftest else None,
+            lost=lost, problems=problems,
+            bad_rounds=sorted({r for c in self.checks for r in c.bad_rounds}))
+
+
+def run(spec: RunSpec, on_progress: Optional[Callable[[float], None]] = None) -> RunResult:
+    """Run ``spec`` once and return what was measured."""
+    return Runner(spec, on_progress).run()

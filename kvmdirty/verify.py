@@ -1,0 +1,210 @@
+"""No-loss verifiers: nothing the guest writes may be missed by a harvest.
+
+Two checks, both fed by the runner with every harvest (``absorb``), told when
+a round ends with the vCPUs stopped (``end_round``), and asked for the verdict
+at the end (``finish``):
+
+ShadowCopy (the migration check, as QEMU uses the log)
+    A destination copy of guest memory, taken whole at the start and then
+    updated only from harvested pages, read after the harvest has re-protected
+    them.  At the end the vCPUs are stopped, a last harvest is copied (the
+    stop-and-copy), and every page whose destination value differs from guest
+    memory is a lost write, reported with its gfn and both values.  The
+    runner stops the vCPUs at the end of every round, so the comparison is
+    made at each round's end, where a migration could have finished.  Values
+    must be distinct per write (the runner writes sequence numbers) for every
+    lost write to be visible.
+
+SelftestCheck (the kernel selftest's per-iteration check, dirty_log_test.c)
+    The guest writes the round number.  At the end of each round (vCPUs
+    stopped, everything harvested) every page is checked: a page reported
+    dirty in the round must hold the round number; a page not reported must
+    hold a smaller one.  As the selftest does, a reported page holding 0 is
+    tolerated in round 1 with INITIALLY_SET (every page starts reported).
+    The runner stops and drains every vCPU before the check, so the selftest's
+    ring tolerance (the last page of a harvest holding an older value) is
+    not needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+SlotSpec = Tuple[int, int, int]      # (slot id, base gfn, npages)
+
+#: At most this many findings are kept in detail (all are counted).
+MAX_DETAILS = 20
+
+
+@dataclass(frozen=True)
+class LostPage:
+    """A write the destination never received."""
+
+    gfn: int
+    guest: int            # the value in guest memory
+    copy: int             # the value in the destination copy
+    round: int = 1        # the round whose stop-and-copy found it
+
+    def __str__(self) -> str:
+        return (f"round {self.round}: gfn {self.gfn:#x}: guest has {self.guest:#x}, "
+                f"copy has {self.copy:#x}")
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A page breaking the selftest's rule in one round."""
+
+    round: int
+    gfn: int
+    value: int
+    reported: bool
+
+    def __str__(self) -> str:
+        if self.reported:
+            return f"round {self.round}: gfn {self.gfn:#x} reported dirty but holds {self.value}"
+        return f"round {self.round}: gfn {self.gfn:#x} not reported but holds {self.value}"
+
+
+class Check:
+    """What the runner calls; see the module docstring."""
+
+    name = ""
+
+    def absorb(self, harvest: Dict[int, np.ndarray]) -> None:
+        pass
+
+    def end_round(self, rnd: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    @property
+    def count(self) -> int:
+        """Findings (lost pages or violations); 0 means nothing was lost."""
+        return 0
+
+    @property
+    def details(self) -> list:
+        return []
+
+    #: Rounds in which the check found something.
+    bad_rounds: List[int] = []
+
+
+def _valid(offs: np.ndarray, npages: int) -> Tuple[np.ndarray, int]:
+    """Offsets inside the slot, and how many were not (a broken log can report anything)."""
+    offs = np.asarray(offs, dtype=np.uint64)
+    ok = offs < np.uint64(npages)
+    if ok.all():
+        return offs, 0
+    return offs[ok], int(len(offs) - ok.sum())
+
+
+class ShadowCopy(Check):
+    name = "shadow"
+
+    def __init__(self, vm, slots: Sequence[SlotSpec]) -> None:
+        self.vm = vm
+        self.slots = {sid: (base, n) for sid, base, n in slots}
+        # The first full pass of a migration: everything, before the guest runs.
+        self.dest = {sid: np.array(vm.memory(sid), dtype=np.uint64) for sid in self.slots}
+        self.copied = 0
+        self.bogus = 0                  # entries naming no page of any slot
+        self.lost: List[LostPage] = []
+        self._lost_count = 0
+        self.bad_rounds: List[int] = []     # rounds whose stop-and-copy found a difference
+        self._seen = {sid: np.zeros(n, dtype=bool) for sid, (_b, n) in self.slots.items()}
+
+    def absorb(self, harvest: Dict[int, np.ndarray]) -> None:
+        for sid, offs in harvest.items():
+            if sid not in self.slots:
+                self.bogus += len(offs)
+                continue
+            offs, bad = _valid(offs, self.slots[sid][1])
+            self.bogus += bad
+            # Read after the harvest re-protected the pages: a later write is logged again.
+            self.dest[sid][offs] = self.vm.memory(sid)[offs]
+            self.copied += len(offs)
+
+    def end_round(self, rnd: int) -> None:
+        """vCPUs stopped, last harvest copied: the destination must equal guest memory now.
+
+        Checked at every round's end (a migration could finish there); a page
+        is counted once however many rounds it stays wrong.
+        """
+        for sid, (base, _n) in self.slots.items():
+            mem = np.asarray(self.vm.memory(sid))
+            diff = np.flatnonzero(self.dest[sid] != mem)
+            if len(diff) == 0:
+                continue
+            if not self.bad_rounds or self.bad_rounds[-1] != rnd:
+                self.bad_rounds.append(rnd)
+            new = diff[~self._seen[sid][diff]]
+            self._seen[sid][new] = True
+            self._lost_count += len(new)
+            for off in new[: max(0, MAX_DETAILS - len(self.lost))]:
+                self.lost.append(LostPage(base + int(off), int(mem[off]),
+                                          int(self.dest[sid][off]), rnd))
+
+    @property
+    def count(self) -> int:
+        return self._lost_count
+
+    @property
+    def details(self) -> list:
+        return self.lost
+
+
+class SelftestCheck(Check):
+    name = "selftest"
+
+    def __init__(self, vm, slots: Sequence[SlotSpec], *, initially_set: bool = False) -> None:
+        self.vm = vm
+        self.slots = {sid: (base, n) for sid, base, n in slots}
+        self.initially_set = initially_set
+        self.reported = {sid: np.zeros(n, dtype=bool) for sid, _b, n in slots}
+        self.bogus = 0
+        self.rounds = 0
+        self.violations: List[Violation] = []
+        self.bad_rounds: List[int] = []
+        self._count = 0
+
+    def absorb(self, harvest: Dict[int, np.ndarray]) -> None:
+        for sid, offs in harvest.items():
+            if sid not in self.slots:
+                self.bogus += len(offs)
+                continue
+            offs, bad = _valid(offs, self.slots[sid][1])
+            self.bogus += bad
+            self.reported[sid][offs] = True
+
+    def end_round(self, rnd: int) -> None:
+        """Check round ``rnd`` (1-based: the guest wrote the value ``rnd``) and start the next."""
+        self.rounds += 1
+        it = np.uint64(rnd)
+        for sid, (base, _n) in self.slots.items():
+            mem = np.asarray(self.vm.memory(sid))
+            rep = self.reported[sid]
+            bad_rep = rep & (mem != it)
+            if rnd == 1 and self.initially_set:
+                bad_rep &= mem != 0
+            bad_unrep = ~rep & (mem >= it)
+            for mask, reported in ((bad_rep, True), (bad_unrep, False)):
+                idx = np.flatnonzero(mask)
+                self._count += len(idx)
+                if len(idx) and (not self.bad_rounds or self.bad_rounds[-1] != rnd):
+                    self.bad_rounds.append(rnd)
+                for off in idx[: max(0, MAX_DETAILS - len(self.violations))]:
+                    self.violations.append(Violation(rnd, base + int(off), int(mem[off]), reported))
+            rep[:] = False
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def details(self) -> list:
+        return self.violations

@@ -1,0 +1,236 @@
+"""Real-KVM objects release every fd and mapping, and a closed object raises instead of crashing."""
+from __future__ import annotations
+
+import errno
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kvm_util import fd_count, map_count, requires_kvm, ring_capable
+
+pytestmark = [pytest.mark.kvm, requires_kvm]
+
+from kvmdirty import _kvm, _uapi  # noqa: E402
+from kvmdirty.errors import KvmError  # noqa: E402
+from kvmdirty.kvm import KvmVM  # noqa: E402
+
+LOG = _uapi.MEM_LOG_DIRTY_PAGES
+MB = 1 << 20
+
+
+def _ring() -> bool:
+    return ring_capable() is None
+
+
+def _full_vm(ring: bool) -> KvmVM:
+    """A VM with two slots and a vCPU (with a ring when available) that ran a few writes."""
+    vm = KvmVM()
+    if ring:
+        vm.enable_dirty_ring(256)
+    vm.set_user_memory_region(0, 0, MB, LOG)
+    vm.set_user_memory_region(1, 4 * MB, 2 * MB, 0)
+    v = vm.create_vcpu(0)
+    v.run(np.array([1, 2, 1024]), 1)
+    if ring:
+        v.dirty_ring.collect()
+        vm.reset_dirty_rings()
+    return vm
+
+
+def _counts():
+    gc.collect()
+    return fd_count(), map_count()
+
+
+def test_200_create_destroy_cycles_leak_nothing():
+    ring = _ring()
+    for _ in range(3):                                   # warm up lazy imports and caches
+        _full_vm(ring).close()
+    before = _counts()
+    for _ in range(200):
+        vm = _full_vm(ring)
+        vm.memory(0)                                     # a view dropped at once
+        vm.close()
+    assert _counts() == before
+
+
+def test_context_manager_closes():
+    before = _counts()
+    with KvmVM() as vm:
+        vm.set_user_memory_region(0, 0, MB, LOG)
+        vm.create_vcpu(0)
+        assert _counts() != before
+    assert vm.closed
+    assert _counts() == before
+
+
+def test_garbage_collection_cleans_up_unclosed_vms():
+    ring = _ring()
+    _full_vm(ring).close()
+    before = _counts()
+    for _ in range(20):
+        vm = _full_vm(ring)
+        v = vm.create_vcpu(1)
+        del vm, v                                        # never closed
+    assert _counts() == before
+
+
+def test_vcpu_outliving_its_vm_raises():
+    vm = _full_vm(_ring())
+    v = vm.create_vcpu(1)
+    del vm
+    gc.collect()
+    with pytest.raises(KvmError) as e:
+        v.run(np.array([1]), 1)
+    assert e.value.errno == errno.EBADF
+
+
+def test_closed_vm_raises_ebadf_everywhere():
+    ring = _ring()
+    vm = _full_vm(ring)
+    v = vm._vcpus[0]
+    vm.close()
+    vm.close()                                           # idempotent
+    calls = [
+        lambda: vm.check_extension(_uapi.CAP_NR_MEMSLOTS),
+        lambda: vm.enable_cap(_uapi.CAP_MANUAL_DIRTY_LOG_PROTECT2, 1),
+        lambda: vm.enable_dirty_ring(256),
+        lambda: vm.enable_manual_protect(),
+        lambda: vm.set_user_memory_region(2, 8 * MB, MB, 0),
+        lambda: vm.create_vcpu(3),
+        lambda: vm.get_dirty_log(0),
+        lambda: vm.clear_dirty_log(0, 0, 64, np.zeros(1, np.uint64)),
+        lambda: vm.reset_dirty_rings(),
+        lambda: vm.memory(0),
+        lambda: v.run(np.array([1]), 1),
+        lambda: v.run(),
+        lambda: v.exit_info(),
+    ]
+    if ring:
+        calls.append(lambda: v.dirty_ring.collect())
+    for call in calls:
+        with pytest.raises(KvmError) as e:
+            call()
+        assert e.value.errno == errno.EBADF
+
+
+def test_memory_view_outlives_close_without_crashing():
+    before = _counts()
+    vm = KvmVM()
+    vm.set_user_memory_region(0, 0, MB, LOG)
+    vm.create_vcpu(0).run(np.array([5]), 77)
+    mem = vm.memory(0)
+    vm.close()
+    assert mem[5] == 77                                  # still mapped while the view lives
+    del mem
+    assert _counts() == before                           # ...and unmapped after
+
+
+def test_ring_view_outlives_close_without_crashing():
+    if not _ring():
+        pytest.skip(ring_capable())
+    before = _counts()
+    vm = _full_vm(True)
+    ring = vm._vcpus[0].dirty_ring
+    raw = ring.entries_view()
+    vm.close()
+    assert raw.shape == (256,)
+    with pytest.raises(KvmError):
+        ring.collect()
+    del raw, ring
+    assert _counts() == before
+
+
+def test_close_while_a_vcpu_runs_in_another_thread():
+    vm = KvmVM()
+    vm.set_user_memory_region(0, 0, 16 * MB, LOG)
+    v = vm.create_vcpu(0)
+    plan = np.tile(np.arange(4096, dtype=np.uint64), 2)  # ~tens of ms of guest time
+    out = []
+
+    def runner():
+        try:
+            out.append(v.run(plan, 1))
+        except (KvmError, ValueError) as e:              # any clean error is fine; a crash is not
+            out.append(e)
+
+    t = threading.Thread(target=runner)
+    t.start()
+    time.sleep(0.01)                                     # let KVM_RUN start (usually)
+    vm.close()
+    t.join(30)
+    assert not t.is_alive() and len(out) == 1
+    with pytest.raises(KvmError):
+        v.run()
+
+
+def test_low_level_closed_objects_raise():
+    kvm = _kvm.Kvm()
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    for fd in (vcpu, vm, kvm):
+        fd.close()
+        fd.close()
+        assert fd.closed
+        with pytest.raises(ValueError):
+            fd.fileno()
+    for call in (kvm.api_version, lambda: kvm.check_extension(1), lambda: vm.get_dirty_log(0),
+                 vm.reset_dirty_rings, lambda: vm.create_vcpu(1), vcpu.run, vcpu.get_regs,
+                 vcpu.get_sregs, lambda: vcpu.set_regs({"rax": 1}), vcpu.exit_info,
+                 lambda: vcpu.map_dirty_ring(4096)):
+        with pytest.raises(KvmError) as e:
+            call()
+        assert e.value.errno == errno.EBADF
+
+
+def test_low_level_bad_input():
+    with pytest.raises(TypeError):
+        _kvm.Vm()
+    with pytest.raises(TypeError):
+        _kvm.Vcpu()
+    with pytest.raises(TypeError):
+        _kvm.Kvm(b"/dev/kvm")
+    with pytest.raises(ValueError):
+        _kvm.Kvm("/dev/kvm\0x")
+    with pytest.raises(ValueError):
+        _kvm.Mapping(0)
+    with pytest.raises(ValueError):
+        _kvm.Mapping(-1)
+    m = _kvm.Mapping(4096)
+    m.close()
+    with pytest.raises(ValueError):
+        memoryview(m)
+    kvm = _kvm.Kvm()
+    vm = kvm.create_vm()
+    small = _kvm.Mapping(4096)
+    with pytest.raises(ValueError):                      # no memory for a non-empty slot
+        vm.set_user_memory_region(0, 0, 0, 4096, None)
+    with pytest.raises(ValueError):                      # slot larger than its memory
+        vm.set_user_memory_region(0, 0, 0, 8192, small)
+    with pytest.raises(TypeError):
+        vm.set_user_memory_region(0, 0, 0, 4096, bytearray(4096))
+    with pytest.raises(ValueError):
+        vm.enable_cap(1, (1, 2, 3, 4, 5))
+    v = vm.create_vcpu(0)
+    regs = v.get_regs()
+    with pytest.raises(ValueError):
+        v.set_regs({"eax": 1})
+    with pytest.raises(ValueError):
+        v.set_regs({"rax": -1})
+    sregs = v.get_sregs()
+    with pytest.raises(ValueError):
+        v.set_sregs({"cs": {"selector": 1 << 16}})
+    with pytest.raises(ValueError):
+        v.set_sregs({"cs": {"bogus": 1}})
+    with pytest.raises(TypeError):
+        v.set_sregs({"cr0": "x"})
+    with pytest.raises(ValueError):
+        v.map_dirty_ring(100)
+    assert v.get_regs() == regs and v.get_sregs() == sregs   # nothing changed
+    v.close()
+    vm.close()
+    kvm.close()
+    small.close()
