@@ -9,7 +9,8 @@ with a vectorised hint read (src/_scan.h).
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_CheckExact
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
+from cython.view cimport array as cvarray
 from libc.string cimport memcpy
 
 import numpy as np
@@ -216,6 +217,7 @@ cdef int _buf_push_word(GfnBuf *b, uint64_t base, size_t word, uint64_t m) noexc
     """Append base + word*64 + each set bit of m; -1 if out of memory."""
     cdef size_t need = b.n + <size_t>kd_popcount64(m), cap
     cdef uint64_t *p
+    cdef uint64_t first
     if need > b.cap:
         cap = b.cap * 2 if b.cap * 2 > need else need + 1024
         p = <uint64_t *>realloc(b.p, cap * sizeof(uint64_t))
@@ -223,21 +225,45 @@ cdef int _buf_push_word(GfnBuf *b, uint64_t base, size_t word, uint64_t m) noexc
             return -1
         b.p = p
         b.cap = cap
+    # A local cursor: stores through it cannot alias b, so nothing is reloaded per bit.
+    p = b.p + b.n
+    first = base + (<uint64_t>word << 6)
     while m:
-        b.p[b.n] = base + (<uint64_t>word << 6) + <uint64_t>kd_ctz64(m)
-        b.n += 1
+        p[0] = first + <uint64_t>kd_ctz64(m)
+        p += 1
         m &= m - 1
+    b.n = need
     return 0
 
 
 cdef object _buf_to_array(GfnBuf *b):
-    arr = np.empty(b.n, dtype=np.uint64)
-    cdef uint64_t[::1] out = arr
-    if b.n:
-        memcpy(&out[0], b.p, b.n * sizeof(uint64_t))
-    free(b.p)
+    """Hand the buffer to numpy without a copy (it is freed with the array)."""
+    cdef cvarray a
+    cdef uint64_t *p
+    if b.n == 0:
+        free(b.p)
+        b.p = NULL
+        return np.zeros(0, dtype=np.uint64)
+    p = <uint64_t *>realloc(b.p, b.n * sizeof(uint64_t))   # give back the slack
+    if p != NULL:
+        b.p = p
+    a = cvarray(shape=(b.n,), itemsize=sizeof(uint64_t), format="Q", mode="c",
+                allocate_buffer=False)
+    a.data = <char *>b.p
+    a.callback_free_data = free
     b.p = NULL
-    return arr
+    return np.asarray(a)
+
+
+cdef inline void _buf_init(GfnBuf *b, size_t nwords) noexcept nogil:
+    # Start at one entry per word (lazily faulted pages): sparse maps never grow.
+    b.p = NULL
+    b.n = 0
+    b.cap = 0
+    if nwords:
+        b.p = <uint64_t *>malloc(nwords * sizeof(uint64_t))
+        if b.p != NULL:
+            b.cap = nwords
 
 
 def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
@@ -250,8 +276,7 @@ def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
     cdef GfnBuf b
     cdef int err = 0
     _check_aligned(words, "words")
-    b.p = NULL
-    b.n = b.cap = 0
+    _buf_init(&b, n)
     if n:
         with nogil:
             while True:
@@ -283,8 +308,7 @@ def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
     cdef _Sink s = _Sink()
     _check_aligned(words, "words")
     s.resolve(sink, n)
-    b.p = NULL
-    b.n = b.cap = 0
+    _buf_init(&b, n)
     if s.kind == SINK_PY:
         for i in range(n):
             mask = kd_xchg_u64(&words[i], 0) if words[i] else 0
