@@ -5,7 +5,6 @@ Each benchmark stores ``ns_per_entry`` in extra_info (median time / entries: the
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np

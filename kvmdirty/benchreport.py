@@ -106,7 +106,7 @@ def targets(recs: List[Record]) -> List[Dict[str, Any]]:
                        ("harvest_gfns (fused)", r"bench_bitmap\.py::test_harvest_gfns_sparse")):
         rec = _find(recs, pat)
         rows.append(_check(f"{label}, 0.1% of 24 GiB dirty (us/call)", rec, 200, unit="us", per_call=True))
-        rows.append(_check(f"  ... vs plain numpy", rec, None, unit="us", per_call=True, vs=np_sparse,
+        rows.append(_check("  ... vs plain numpy", rec, None, unit="us", per_call=True, vs=np_sparse,
                            ratio_min=10, vs_name="numpy"))
     for d in ("0.01%", "0.1%", "1%", "10%", "50%"):
         ours = _find(recs, rf"bench_peers\.py::test_gfns_ours\[{re.escape(d)}\]")

@@ -73,7 +73,9 @@ def _group(slots: np.ndarray, offsets: np.ndarray, out: Dict[int, List[np.ndarra
 
 
 def _merge(parts: Dict[int, List[np.ndarray]]) -> Harvest:
-    return {s: np.unique(np.concatenate(p)).astype(np.uint64) for s, p in parts.items()}
+    # Offsets in harvest order; a page may appear more than once (as in a ring),
+    # and sorting them would only add cost the upstream ring path does not pay.
+    return {s: np.concatenate(p).astype(np.uint64, copy=False) for s, p in parts.items()}
 
 
 class _RingDesign:

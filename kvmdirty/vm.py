@@ -12,12 +12,12 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Dict, Optional
 
 import numpy as np
 
 from . import _bitmap, _mmu, _uapi
-from .api import EXIT_BUDGET, EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit
+from .api import PAGE_SHIFT, PAGE_SIZE, Exit
 from .errors import KvmError
 from .limits import (ADDRESS_SPACES, DIRTY_GFN_SIZE, DIRTY_RING_MAX_ENTRIES,
                      DIRTY_RING_RSVD_ENTRIES, MAX_VCPU_IDS, MAX_VCPUS, MEM_MAX_NR_PAGES,

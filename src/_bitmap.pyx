@@ -123,6 +123,7 @@ def harvest(uint64_t[::1] words not None, uint64_t[::1] snapshot not None,
     cdef uint64_t mask
     cdef _Sink s = _Sink()
     _check_aligned(words, "words")
+    _check_aligned(snapshot, "snapshot")
     if <size_t>snapshot.shape[0] != n:
         raise ValueError(f"snapshot has {snapshot.shape[0]} words, words has {n}")
     s.resolve(sink, n)
@@ -154,6 +155,9 @@ def clear_masked(uint64_t[::1] words not None, const uint64_t[::1] masks not Non
     cdef uint64_t m, cleared
     cdef _Sink s = _Sink()
     _check_aligned(words, "words")
+    _check_aligned(masks, "masks")
+    if out is not None:
+        _check_aligned(out, "out")
     if first_word > <size_t>words.shape[0] or n > <size_t>words.shape[0] - first_word:
         raise ValueError(f"masks[{n}] at word {first_word} runs past {words.shape[0]} words")
     if out is not None and <size_t>out.shape[0] < n:
@@ -362,6 +366,7 @@ def set_bits(uint64_t[::1] words not None, const uint64_t[::1] nrs not None):
     cdef size_t n = nrs.shape[0], i, fresh = 0
     cdef uint64_t limit = <uint64_t>words.shape[0] * 64, nr, bit
     _check_aligned(words, "words")
+    _check_aligned(nrs, "nrs")
     for i in range(n):
         if nrs[i] >= limit:
             raise IndexError(f"bit {nrs[i]} out of range for {words.shape[0]} words")

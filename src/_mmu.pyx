@@ -36,6 +36,13 @@ cdef enum:
     OUTSIDE_GUEST_MODE = 0
     IN_GUEST_MODE = 1
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+# A flusher spins this many times on a vCPU's acknowledgement before yielding.
+cdef enum:
+    FLUSH_SPINS_BEFORE_YIELD = 256
+
 # vCPU request bits, as KVM_REQ_*
 cdef enum:
     REQ_TLB_FLUSH = 1
@@ -154,7 +161,7 @@ cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexce
 
 cdef void _flush_remote_tlbs(kd_mmu *m) noexcept nogil:
     """Request a TLB flush of every vCPU; wait for each one in guest mode to acknowledge."""
-    cdef size_t i
+    cdef size_t i, spins
     cdef kd_vcpu *v
     if m.faults & F_SKIP_FLUSH:
         return
@@ -170,11 +177,18 @@ cdef void _flush_remote_tlbs(kd_mmu *m) noexcept nogil:
         return
     for i in range(m.nvcpus):
         v = m.vcpus[i]
+        spins = 0
         # Acquire on both: once the vCPU has cleared the request (store-release
         # after emptying its TLB) or left guest mode, its stale entries are gone.
         while (kd_load_acquire_u32(&v.mode) == IN_GUEST_MODE and
                kd_load_acquire_u32(&v.requests) & REQ_TLB_FLUSH):
-            kd_cpu_relax()
+            # A vCPU thread the OS has descheduled cannot acknowledge: after a
+            # short spin give it our CPU (more threads than cores is common here).
+            spins += 1
+            if spins < FLUSH_SPINS_BEFORE_YIELD:
+                kd_cpu_relax()
+            else:
+                sched_yield()
 
 
 cdef void _tlb_flush_local(kd_mmu *m, kd_vcpu *v) noexcept nogil:

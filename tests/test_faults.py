@@ -14,8 +14,6 @@ import time
 
 import numpy as np
 
-import kvmdirty
-import kvmdirty.vm
 import pytest
 
 from kvmdirty.collectors import all_designs

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 import threading
 import time
 
@@ -41,8 +42,10 @@ def _full_vm(ring: bool) -> KvmVM:
 
 
 def _counts():
+    """Open fds and memory mappings.  Under the sanitizer build ASan's allocator
+    maps and unmaps memory of its own, so only fds are compared there."""
     gc.collect()
-    return fd_count(), map_count()
+    return fd_count(), (None if os.environ.get("KVMDIRTY_SANITIZER_RUN") else map_count())
 
 
 def test_200_create_destroy_cycles_leak_nothing():
@@ -62,7 +65,7 @@ def test_context_manager_closes():
     with KvmVM() as vm:
         vm.set_user_memory_region(0, 0, MB, LOG)
         vm.create_vcpu(0)
-        assert _counts() != before
+        assert _counts()[0] != before[0]
     assert vm.closed
     assert _counts() == before
 

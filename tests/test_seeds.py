@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from kvmdirty import _seeds, _uapi
-from kvmdirty.api import EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL, EXIT_HLT
+from kvmdirty.api import EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL
 from kvmdirty.errors import KvmError
 from kvmdirty.seeds import DESIGNS, create_design
 from kvmdirty.vm import VM
-from ring_model import ModelRing, make_mmu
+from ring_model import make_mmu
 
 LOG = _uapi.MEM_LOG_DIRTY_PAGES
 BASE_GFN = 0x100
@@ -62,7 +62,6 @@ def test_indexed_reset_reprotects_fetched_entries_only():
 def test_indexed_u16_indexes_wrap():
     s = _seeds.IndexedRingSet(128)
     r = s.add_vcpu(0)
-    model = ModelRing(128)
     seen = 0
     for lap in range(700):                              # 70,000 entries: the u16 header wraps
         for i in range(100):
