@@ -1,0 +1,113 @@
+"""Real-KVM objects release their fds and mappings on every error path.
+
+Failures are injected at each step that allocates (the VM's guest image, a
+slot's mapping, a vCPU's ring mapping and registers) and the kernel's own
+refusals are provoked; after each, the process holds exactly the fds and
+mappings it held before.
+"""
+from __future__ import annotations
+
+import errno
+import gc
+import os
+
+import numpy as np
+import pytest
+
+from kvm_util import fd_count, map_count, requires_kvm, ring_capable
+
+pytestmark = [pytest.mark.kvm, requires_kvm]
+
+from kvmdirty import KvmError, _uapi, guest, kvm  # noqa: E402
+
+LOG = _uapi.MEM_LOG_DIRTY_PAGES
+MB = 1 << 20
+
+
+def counts():
+    gc.collect()
+    # ASan's allocator maps memory of its own: under the sanitizer only fds are compared.
+    return fd_count(), (None if os.environ.get("KVMDIRTY_SANITIZER_RUN") else map_count())
+
+
+def injected(*_a, **_k):
+    raise OSError(errno.ENOMEM, "injected failure")
+
+
+@pytest.fixture(autouse=True)
+def warm():
+    with kvm.KvmVM() as vm:            # lazy imports and caches first
+        vm.set_user_memory_region(0, 0, MB, LOG)
+        vm.create_vcpu(0)
+
+
+def test_vm_creation_fails_after_the_vm_fd(monkeypatch):
+    before = counts()
+    monkeypatch.setattr(guest, "write_image", injected)
+    for _ in range(20):
+        with pytest.raises(OSError):
+            kvm.KvmVM()
+    assert counts() == before
+
+
+def test_slot_mapping_fails(monkeypatch):
+    with kvm.KvmVM() as vm:
+        before = counts()
+        monkeypatch.setattr(kvm._kvm, "Mapping", injected)
+        for slot in range(20):
+            with pytest.raises(OSError):
+                vm.set_user_memory_region(slot, slot * MB, MB, LOG)
+        monkeypatch.undo()
+        assert counts() == before
+        assert not vm._slots                                   # nothing half-registered
+        vm.set_user_memory_region(0, 0, MB, LOG)               # and the VM still works
+
+
+def test_kernel_refusals_release_fresh_mappings():
+    with kvm.KvmVM() as vm:
+        vm.set_user_memory_region(0, 0, 4 * MB, LOG)
+        before = counts()
+        for i in range(50):
+            with pytest.raises(KvmError):                      # overlap: EEXIST
+                vm.set_user_memory_region(1 + i, MB, MB, LOG)
+            with pytest.raises(KvmError):                      # unknown flag: EINVAL
+                vm.set_user_memory_region(1 + i, 64 * MB, MB, 0x80)
+        assert counts() == before
+
+
+@pytest.mark.parametrize("with_ring", [False, True])
+def test_vcpu_setup_fails_after_its_fd_and_ring(monkeypatch, with_ring):
+    if with_ring and ring_capable() is not None:
+        pytest.skip(f"no dirty ring here: {ring_capable()}")
+    with kvm.KvmVM() as vm:
+        if with_ring:
+            vm.enable_dirty_ring(4096)
+        vm.set_user_memory_region(0, 0, MB, LOG)
+        before = counts()
+        monkeypatch.setattr(guest, "long_mode_sregs", injected)
+        for i in range(20):
+            with pytest.raises(OSError):
+                vm.create_vcpu(i)
+        monkeypatch.undo()
+        assert counts() == before
+        assert not vm.vcpus
+        # The kernel keeps a vCPU until its VM dies, fd closed or not: its id
+        # stays taken (EEXIST), as on KVM.  A new id works.
+        with pytest.raises(KvmError) as e:
+            vm.create_vcpu(0)
+        assert e.value.errno == errno.EEXIST
+        v = vm.create_vcpu(100)                                # the VM is still usable
+        assert v.run(np.array([1, 2]), 5).done
+    assert counts()[0] < before[0]
+
+
+def test_failed_run_arguments_change_nothing():
+    with kvm.KvmVM() as vm:
+        vm.set_user_memory_region(0, 0, MB, LOG)
+        v = vm.create_vcpu(0)
+        before = counts()
+        for bad in (np.ones((2, 2)), np.array([-1]), np.array([1 << 40], np.uint64), "x"):
+            with pytest.raises((TypeError, ValueError)):
+                v.run(bad, 1)
+        assert counts() == before
+        assert v.run(np.array([3]), 1).done
