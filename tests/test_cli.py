@@ -8,18 +8,21 @@ import sys
 
 import pytest
 
+import kvmdirty as _pkg
 from kvmdirty.cli import main, parse_size
 from kvmdirty.collectors import BASE_DESIGNS, all_designs
 
 SMALL = ["--memory", "8M", "--vcpus", "2", "--writes", "20000"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the kvmdirty under test lives: site-packages once installed, the
+# checkout when built in place (never the bare source tree, which has no core).
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(_pkg.__file__)))
 
 
 def kvmdirty(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = PKG_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "kvmdirty", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=env, cwd=PKG_PARENT)
 
 
 def test_compare_json_covers_every_design():
