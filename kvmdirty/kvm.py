@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _kvm, _uapi, guest
-from .api import EXIT_BUDGET, EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit
+from .api import EXIT_BUDGET, EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit, as_plan
 from .errors import KvmError
 
 __all__ = ["KvmVM", "KvmVcpu", "KvmDirtyRing", "open_vm"]
@@ -36,15 +36,6 @@ def _int(v: Any, what: str, bits: int = 64) -> int:
     return v
 
 
-def _plan(gfns: Any) -> np.ndarray:
-    a = np.asarray(gfns)
-    if a.ndim != 1:
-        raise ValueError(f"gfns must be one-dimensional, got shape {a.shape}")
-    if a.size and a.dtype.kind not in "ui":
-        raise TypeError(f"gfns must be integers, got dtype {a.dtype}")
-    if a.dtype.kind == "i" and a.size and int(a.min()) < 0:
-        raise ValueError("gfns must be non-negative")
-    return np.ascontiguousarray(a, dtype=np.uint64)
 
 
 def _budget(max_writes: Any) -> int:
@@ -154,7 +145,7 @@ class KvmVcpu:
         """
         self._check_open("KVM_RUN")
         if gfns is not None:
-            plan = _plan(gfns)
+            plan = as_plan(gfns)
             if isinstance(value, (np.ndarray, list, tuple)):
                 raise TypeError("the real-KVM guest writes one value per plan, not one per write")
             v = _int(0 if value is None else value, "value")

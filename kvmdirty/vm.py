@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from . import _bitmap, _mmu, _uapi
-from .api import PAGE_SHIFT, PAGE_SIZE, Exit
+from .api import PAGE_SHIFT, PAGE_SIZE, Exit, as_plan
 from .errors import KvmError
 from .limits import (ADDRESS_SPACES, DIRTY_GFN_SIZE, DIRTY_RING_MAX_ENTRIES,
                      DIRTY_RING_RSVD_ENTRIES, MAX_VCPU_IDS, MAX_VCPUS, MEM_MAX_NR_PAGES,
@@ -65,15 +65,6 @@ class MemSlot:
                 self.writable, self.values, self.dirty)
 
 
-def _plan(gfns) -> np.ndarray:
-    a = np.asarray(gfns)
-    if a.ndim != 1:
-        raise ValueError(f"gfns must be one-dimensional, got shape {a.shape}")
-    if a.size and a.dtype.kind not in "ui":
-        raise TypeError(f"gfns must be integers, got dtype {a.dtype}")
-    if a.dtype.kind == "i" and a.size and int(a.min()) < 0:
-        raise ValueError("gfns must be non-negative")
-    return np.ascontiguousarray(a, dtype=np.uint64)
 
 
 def _values(value, n: int):
@@ -119,7 +110,7 @@ class Vcpu:
         """
         self.vm._check_open("KVM_RUN")
         if gfns is not None:
-            plan = _plan(gfns)
+            plan = as_plan(gfns)
             vals = _values(0 if value is None else value, len(plan))
         elif value is not None:
             raise ValueError("value given without gfns")
@@ -550,7 +541,7 @@ class VM:
         ring-only VM cannot log them.  Returns the number of pages written.
         """
         self._check_open("write_guest")
-        plan = _plan(gfns)
+        plan = as_plan(gfns)
         value = u64(int(value), "value")
         with self._slots_lock.read():
             return self.mmu.host_write(plan, value)
