@@ -275,6 +275,8 @@ cdef class DirtyRing:
             self._collected += n
         finally:
             self._leave(BUSY_COLLECT)
+        if n == cap:                 # filled: no views to make (the common one-entry / full case)
+            return a_s, a_o
         return a_s[:n], a_o[:n]
 
     property fetch_index:
