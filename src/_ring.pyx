@@ -275,7 +275,7 @@ cdef class DirtyRing:
             self._collected += n
         finally:
             self._leave(BUSY_COLLECT)
-        if n == cap:                 # filled: no views to make (the common one-entry / full case)
+        if n == cap and out_slots is None:   # our arrays, filled: no views to make
             return a_s, a_o
         return a_s[:n], a_o[:n]
 
