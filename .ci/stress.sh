@@ -16,4 +16,8 @@ export KVMDIRTY_STRESS_EVENTS=${KVMDIRTY_STRESS_EVENTS:-10000000}
 start=$(date +%s)
 echo "== stress: $KVMDIRTY_STRESS_EVENTS guest writes per design"
 python3 -m pytest -p no:cacheprovider -q -s tests/test_stress.py "$@"
+# The slow races: ordering bugs that only show when threads meet at the
+# ring head (e.g. relaxed_collect), run until caught, bounded in time.
+echo "== stress: slow fault-injection races (pytest -m slow)"
+python3 -m pytest -p no:cacheprovider -q -m slow tests/test_faults.py
 echo "== stress took $(( $(date +%s) - start )) s"
