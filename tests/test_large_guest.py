@@ -19,6 +19,8 @@ import os
 import numpy as np
 import pytest
 
+from kvm_util import requires_kvm
+
 import kvmdirty
 from kvmdirty import KvmError, _bitmap
 from kvmdirty.limits import ADDRESS_SPACES, MEM_MAX_NR_PAGES, USER_MEM_SLOTS
@@ -166,24 +168,11 @@ def test_largest_slot_is_accepted_lazily(request):
     vm.close()
 
 
-def _kvm_usable():
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "no usable /dev/kvm"
-    try:
-        from kvmdirty.kvm import KvmVM
-        KvmVM().close()
-    except Exception as e:  # noqa: BLE001
-        return f"/dev/kvm unusable: {e!r}"
-    return None
-
-
 @pytest.mark.kvm
+@requires_kvm
 @pytest.mark.parametrize("name,slot,gpa,size,err", [c for c in LIMIT_CASES if c[4] is not None],
                          ids=[c[0] for c in LIMIT_CASES if c[4] is not None])
 def test_memslot_limits_match_real_kvm(name, slot, gpa, size, err):
-    why = _kvm_usable()
-    if why:
-        pytest.skip(why)
     from kvmdirty.kvm import KvmVM
     with KvmVM() as vm:
         with pytest.raises(KvmError) as e:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 import weakref
 
 import numpy as np
 import pytest
+
+from kvm_util import requires_kvm
 
 import kvmdirty
 from kvmdirty import DirtyBitmap, KvmError, _bitmap, _mmu
@@ -244,22 +245,9 @@ def test_sinks_in_use_keep_their_owner_alive():
 
 # -- real KVM: mappings outlive their VM -------------------------------------------
 
-def _kvm_usable():
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "no usable /dev/kvm"
-    try:
-        from kvmdirty.kvm import KvmVM
-        KvmVM().close()
-    except Exception as e:  # noqa: BLE001 - any failure means: skip with the reason
-        return f"/dev/kvm unusable: {e!r}"
-    return None
-
-
 @pytest.mark.kvm
+@requires_kvm
 def test_kvm_memory_view_outlives_vm():
-    why = _kvm_usable()
-    if why:
-        pytest.skip(why)
     from kvmdirty.kvm import KvmVM
     vm = KvmVM()
     vm.set_user_memory_region(0, 0, 64 << 12, LOG)
@@ -273,10 +261,8 @@ def test_kvm_memory_view_outlives_vm():
 
 
 @pytest.mark.kvm
+@requires_kvm
 def test_kvm_ring_closed_with_vm_raises():
-    why = _kvm_usable()
-    if why:
-        pytest.skip(why)
     from kvmdirty.kvm import KvmVM
     vm = KvmVM()
     vm.enable_dirty_ring(256)
