@@ -12,22 +12,23 @@ mode has acknowledged it (kvm_flush_remote_tlbs).  Masked write-protect is one
 atomic and-not of a 64-bit mask into the W word.
 
 Slot tables change only while no vCPU runs and no harvest is under way: the
-Python layer (vm.py) guarantees it, as KVM's SRCU synchronize does.
+Python layer (vm.py, slotlock.py) guarantees it, as KVM's SRCU synchronize does.
 """
-from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetPointer, PyCapsule_CheckExact
-from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_CheckExact
+from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
 import numpy as np
 
 from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_seqcst_u32,
-                      kd_load_seqcst_u32, kd_fetch_or_u32, kd_fetch_andnot_u32,
-                      kd_load_relaxed_u64, kd_store_relaxed_u64, kd_fetch_or_u64,
-                      kd_fetch_andnot_u64, kd_load_acquire_ptr, kd_store_release_ptr, kd_smp_mb, kd_cpu_relax,
+                      kd_fetch_or_u32, kd_fetch_andnot_u32, kd_load_relaxed_u64,
+                      kd_store_relaxed_u64, kd_fetch_or_u64, kd_fetch_andnot_u64,
+                      kd_load_acquire_ptr, kd_store_release_ptr, kd_smp_mb, kd_cpu_relax,
                       kd_ctz64, kd_clz64)
-from _sink cimport kd_sink, kd_tracker, kd_owned_capsule, KD_SINK_CAPSULE, KD_RING_CAPSULE, KD_TRACKER_CAPSULE, KD_NO_VCPU
-from _ringcore cimport kd_ring, kd_ring_push, kd_ring_used, KD_PUSH_OK, KD_PUSH_SOFT_FULL, KD_PUSH_FULL
+from _sink cimport (kd_sink, kd_tracker, kd_owned_capsule, KD_SINK_CAPSULE, KD_RING_CAPSULE,
+                    KD_TRACKER_CAPSULE, KD_NO_VCPU)
+from _ringcore cimport kd_ring, kd_ring_push, kd_ring_used, KD_PUSH_SOFT_FULL, KD_PUSH_FULL
 from _uapi cimport (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_EXIT_HLT, KVM_EXIT_MMIO,
                     KVM_EXIT_DIRTY_RING_FULL)
 
