@@ -9,6 +9,7 @@ to miss.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -43,6 +44,20 @@ def racy(design: str, **kw) -> RunSpec:
 
 def caught(r) -> bool:
     return bool(r.lost_pages or r.violations or r.problems)
+
+
+def lost_within(spec: RunSpec, attempts: int = 6):
+    """Run a racy spec (a fresh seed each time) until it loses a write; the last run.
+
+    These bugs need a thread preempted at one exact point, so how often a round
+    shows them depends on the machine's timing (much rarer under ASan): trying
+    again, rather than one long fixed run, keeps the test fast where the bug is
+    frequent and still certain where it is rare."""
+    for k in range(attempts):
+        r = run(dataclasses.replace(spec, seed=spec.seed + k))
+        if r.lost_pages:
+            break
+    return r
 
 
 def test_every_fault_has_a_test():
@@ -99,9 +114,9 @@ def test_fault_results_are_reproducible():
 def test_flush_before_protect_caught(design):
     # A vCPU refills its TLB from a still-writable SPTE between the flush and
     # the protect; its later writes through that entry are never logged.
-    r = run(racy(design, faults=("flush-before-protect",), duration=0.4, rounds=40))
-    assert r.lost_pages > 0, "no loss in 40 rounds"
-    assert len(r.bad_rounds) >= 2
+    r = lost_within(racy(design, faults=("flush-before-protect",), duration=0.4, rounds=40))
+    assert r.lost_pages > 0, "no loss in 6 runs of 40 rounds"
+    assert r.bad_rounds
 
 
 def test_no_flush_wait_caught(tmp_path):
@@ -111,9 +126,9 @@ def test_no_flush_wait_caught(tmp_path):
     # before the store lands, and nothing logs the store.
     trace = tmp_path / "pairs.npy"
     np.save(trace, np.repeat(np.arange(16 << 8, dtype=np.uint64), 2))
-    r = run(racy("bitmap", faults=("no-flush-wait",), duration=0.8, rounds=80,
-                 workload=Workload("trace", trace=str(trace))))
-    assert r.lost_pages > 0, "no loss in 80 rounds"
+    r = lost_within(racy("bitmap", faults=("no-flush-wait",), duration=0.8, rounds=80,
+                         workload=Workload("trace", trace=str(trace))))
+    assert r.lost_pages > 0, "no loss in 6 runs of 80 rounds"
 
 
 def test_racy_setup_clean_without_faults(tmp_path):
