@@ -423,9 +423,14 @@ cdef class DirtyBitmap:
 
     def set_many(self, gfns):
         """Mark every page in ``gfns`` dirty; return how many were newly set."""
-        a = np.ascontiguousarray(gfns, dtype=np.uint64)
+        a = np.asarray(gfns)
         if a.ndim != 1:
             raise ValueError("gfns must be one-dimensional")
+        if a.size and a.dtype.kind not in "ui":
+            raise TypeError(f"gfns must be integers, got dtype {a.dtype}")
+        if a.dtype.kind == "i" and a.size and int(a.min()) < 0:
+            raise IndexError(f"page {int(a.min())} out of range [0, {self.npages})")
+        a = np.ascontiguousarray(a, dtype=np.uint64)
         if a.size and int(a.max()) >= self.npages:
             raise IndexError(f"page {int(a.max())} out of range [0, {self.npages})")
         return set_bits(self._w, a)
