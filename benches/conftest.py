@@ -124,16 +124,5 @@ def ring_plan(pattern: str) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def kvm_unusable() -> Optional[str]:
     """Why real-KVM benchmarks cannot run here (a clear reason), or None."""
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm does not exist (no KVM on this machine)"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not readable and writable by this user"
-    try:
-        from kvmdirty.kvm import KvmVM
-    except ImportError as e:
-        return f"the real-KVM backend kvmdirty.kvm is not available ({e})"
-    try:
-        KvmVM().close()
-    except OSError as e:
-        return f"/dev/kvm is not usable ({e})"
-    return None
+    from kvmdirty.info import kvm_unusable as why
+    return why()

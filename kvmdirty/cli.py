@@ -117,7 +117,8 @@ def _compare(args: argparse.Namespace) -> int:
         print("\n".join(all_designs()))
         return 0
     if args.backend == "kvm":
-        err = _kvm_unusable()
+        from .info import kvm_unusable
+        err = kvm_unusable()
         if err:
             print(f"kvmdirty compare: --backend kvm: {err}", file=sys.stderr)
             return 2
@@ -144,19 +145,6 @@ def _compare(args: argparse.Namespace) -> int:
     else:
         print(format_table(results, spec))
     return 0 if all(r.ok for r in results) else 1
-
-
-def _kvm_unusable() -> Optional[str]:
-    """Why the real-KVM backend cannot run here, or None."""
-    try:
-        from .kvm import KvmVM
-    except ImportError as e:
-        return f"the real-KVM backend is not available ({e})"
-    try:
-        KvmVM().close()
-    except OSError as e:
-        return f"/dev/kvm is not usable ({e})"
-    return None
 
 
 # -- info -------------------------------------------------------------------

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from . import _uapi
 
@@ -17,6 +17,12 @@ _CAPS = (
     ("nr_vcpus", _uapi.CAP_NR_VCPUS),
     ("multi_address_space", _uapi.CAP_MULTI_ADDRESS_SPACE),
 )
+
+
+def kvm_unusable(path: str = "/dev/kvm") -> Optional[str]:
+    """Why the real-KVM backend cannot run here (a clear reason), or None when it can."""
+    d = kvm_info(path)
+    return None if d["available"] else d["reason"]
 
 
 def kvm_info(path: str = "/dev/kvm") -> Dict[str, Any]:

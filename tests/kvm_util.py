@@ -16,22 +16,10 @@ import pytest
 def _probe() -> Optional[str]:
     """None when a VM can be created, else why not."""
     try:
-        from kvmdirty import _kvm
+        from kvmdirty.info import kvm_unusable
     except ImportError as e:
-        return f"kvmdirty._kvm is not built ({e})"
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm is missing"
-    try:
-        kvm = _kvm.Kvm()
-    except OSError as e:
-        return f"cannot open /dev/kvm ({os.strerror(e.errno) if e.errno else e})"
-    try:
-        kvm.create_vm().close()
-    except OSError as e:
-        return f"/dev/kvm cannot create a VM ({os.strerror(e.errno) if e.errno else e})"
-    finally:
-        kvm.close()
-    return None
+        return f"kvmdirty is not built ({e})"
+    return kvm_unusable()
 
 
 KVM_UNUSABLE = _probe()
