@@ -15,7 +15,7 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from _atomic cimport (kd_xchg_u64, kd_fetch_or_u64, kd_fetch_andnot_u64,
+from _atomic cimport (kd_xchg_u64, kd_fetch_or_u64, kd_fetch_andnot_u64, kd_load_relaxed_u64,
                       kd_load_acquire_u64, kd_popcount64, kd_ctz64)
 from _scan cimport kd_next_nonzero
 from _sink cimport kd_sink, KD_SINK_CAPSULE
@@ -134,7 +134,7 @@ def harvest(uint64_t[::1] words not None, uint64_t[::1] snapshot not None,
             pages = _harvest(&words[0], &snapshot[0], n, zeroed, s, slot)
         return pages
     for i in range(n):
-        mask = kd_xchg_u64(&words[i], 0) if words[i] else 0
+        mask = kd_xchg_u64(&words[i], 0) if kd_load_relaxed_u64(&words[i]) else 0
         if mask or not zeroed:
             snapshot[i] = mask
         if mask:
@@ -197,7 +197,8 @@ cdef size_t _popcount(const uint64_t *w, size_t n) noexcept nogil:
         i = kd_next_nonzero(w, i, n)
         if i >= n:
             return total
-        total += kd_popcount64(w[i])
+        # Relaxed: a concurrent setter may race us; we count what we see.
+        total += kd_popcount64(kd_load_relaxed_u64(&w[i]))
         i += 1
 
 
@@ -270,31 +271,56 @@ cdef inline void _buf_init(GfnBuf *b, size_t nwords) noexcept nogil:
             b.cap = nwords
 
 
+cdef int _list_gfns(uint64_t *w, size_t n, uint64_t base, GfnBuf *b, bint take,
+                    _Sink s, uint32_t slot) noexcept nogil:
+    """Append the page of every set bit to b; with ``take`` also exchange each
+    non-zero word with 0 and hand it to the sink (a harvest).  -1 if out of memory."""
+    cdef size_t i = 0
+    cdef uint64_t mask
+    while True:
+        i = kd_next_nonzero(w, i, n)
+        if i >= n:
+            return 0
+        if take:
+            # xchg pairs with the vCPU's fetch-or, as in _harvest.
+            mask = kd_xchg_u64(&w[i], 0)
+            if mask:
+                _sink_protect(s, slot, i, mask)
+        else:
+            # Relaxed: the words may be live; a bit set after this read is not listed.
+            mask = kd_load_relaxed_u64(&w[i])
+        if mask and _buf_push_word(b, base, i, mask):
+            if take:
+                kd_fetch_or_u64(&w[i], mask)     # keep what we could not list
+            return -1
+        i += 1
+
+
+cdef object _gfns_or_raise(GfnBuf *b, int err):
+    if err:
+        free(b.p)
+        b.p = NULL
+        raise MemoryError()
+    return _buf_to_array(b)
+
+
 def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
     """The set bits as a uint64 numpy array of page numbers (``base`` + bit index), ascending.
 
     One pass: zero words are skipped by the hint scan, the rest expanded with
     count-trailing-zeros into a growing buffer.
     """
-    cdef size_t n = words.shape[0], i = 0
+    cdef size_t n = words.shape[0]
     cdef GfnBuf b
     cdef int err = 0
+    cdef _Sink none = _Sink()
     _check_aligned(words, "words")
     _buf_init(&b, n)
     if n:
         with nogil:
-            while True:
-                i = kd_next_nonzero(&words[0], i, n)
-                if i >= n:
-                    break
-                if _buf_push_word(&b, base, i, words[i]):
-                    err = 1
-                    break
-                i += 1
-    if err:
-        free(b.p)
-        raise MemoryError()
-    return _buf_to_array(&b)
+            # Not written through: take=False only reads.
+            err = _list_gfns(<uint64_t *>&words[0], n, base, &b, False, none, 0)
+    return _gfns_or_raise(&b, err)
 
 
 def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
@@ -305,7 +331,7 @@ def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
     without materialising the snapshot.  Returns a uint64 array of
     ``base`` + page index, ascending.
     """
-    cdef size_t n = words.shape[0], i = 0
+    cdef size_t n = words.shape[0], i
     cdef uint64_t mask
     cdef GfnBuf b
     cdef int err = 0
@@ -315,33 +341,16 @@ def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
     _buf_init(&b, n)
     if s.kind == SINK_PY:
         for i in range(n):
-            mask = kd_xchg_u64(&words[i], 0) if words[i] else 0
+            mask = kd_xchg_u64(&words[i], 0) if kd_load_relaxed_u64(&words[i]) else 0
             if mask:
                 s.py(i, mask)
                 if _buf_push_word(&b, base, i, mask):
-                    free(b.p)
-                    raise MemoryError()
-        return _buf_to_array(&b)
-    if n:
-        with nogil:
-            while True:
-                i = kd_next_nonzero(&words[0], i, n)
-                if i >= n:
+                    err = -1
                     break
-                # xchg pairs with the vCPU's fetch-or, as in _harvest.
-                mask = kd_xchg_u64(&words[i], 0)
-                if mask:
-                    _sink_protect(s, slot, i, mask)
-                    if _buf_push_word(&b, base, i, mask):
-                        # Keep the bits we could not list: put them back.
-                        kd_fetch_or_u64(&words[i], mask)
-                        err = 1
-                        break
-                i += 1
-    if err:
-        free(b.p)
-        raise MemoryError()
-    return _buf_to_array(&b)
+    elif n:
+        with nogil:
+            err = _list_gfns(&words[0], n, base, &b, True, s, slot)
+    return _gfns_or_raise(&b, err)
 
 
 def set_bit(uint64_t[::1] words not None, uint64_t nr):
