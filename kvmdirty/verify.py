@@ -71,8 +71,20 @@ class Check:
     """What the runner calls; see the module docstring."""
 
     name = ""
+    slots: Dict[int, Tuple[int, int]] = {}
+    bogus = 0                           # harvested entries naming no page of any slot
 
     def absorb(self, harvest: Dict[int, np.ndarray]) -> None:
+        """Take one harvest: each slot's in-range offsets go to _take, the rest are counted."""
+        for sid, offs in harvest.items():
+            if sid not in self.slots:
+                self.bogus += len(offs)
+                continue
+            offs, bad = _valid(offs, self.slots[sid][1])
+            self.bogus += bad
+            self._take(sid, offs)
+
+    def _take(self, sid: int, offs: np.ndarray) -> None:
         pass
 
     def end_round(self, rnd: int) -> None:
@@ -118,16 +130,10 @@ class ShadowCopy(Check):
         self.bad_rounds: List[int] = []     # rounds whose stop-and-copy found a difference
         self._seen = {sid: np.zeros(n, dtype=bool) for sid, (_b, n) in self.slots.items()}
 
-    def absorb(self, harvest: Dict[int, np.ndarray]) -> None:
-        for sid, offs in harvest.items():
-            if sid not in self.slots:
-                self.bogus += len(offs)
-                continue
-            offs, bad = _valid(offs, self.slots[sid][1])
-            self.bogus += bad
-            # Read after the harvest re-protected the pages: a later write is logged again.
-            self.dest[sid][offs] = self.vm.memory(sid)[offs]
-            self.copied += len(offs)
+    def _take(self, sid: int, offs: np.ndarray) -> None:
+        # Read after the harvest re-protected the pages: a later write is logged again.
+        self.dest[sid][offs] = self.vm.memory(sid)[offs]
+        self.copied += len(offs)
 
     def end_round(self, rnd: int) -> None:
         """vCPUs stopped, last harvest copied: the destination must equal guest memory now.
@@ -172,14 +178,8 @@ class SelftestCheck(Check):
         self.bad_rounds: List[int] = []
         self._count = 0
 
-    def absorb(self, harvest: Dict[int, np.ndarray]) -> None:
-        for sid, offs in harvest.items():
-            if sid not in self.slots:
-                self.bogus += len(offs)
-                continue
-            offs, bad = _valid(offs, self.slots[sid][1])
-            self.bogus += bad
-            self.reported[sid][offs] = True
+    def _take(self, sid: int, offs: np.ndarray) -> None:
+        self.reported[sid][offs] = True
 
     def end_round(self, rnd: int) -> None:
         """Check round ``rnd`` (1-based: the guest wrote the value ``rnd``) and start the next."""
