@@ -23,7 +23,7 @@ import numpy as np
 
 from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_seqcst_u32,
                       kd_fetch_or_u32, kd_fetch_andnot_u32, kd_load_relaxed_u64,
-                      kd_store_relaxed_u64, kd_fetch_or_u64, kd_fetch_andnot_u64,
+                      kd_store_relaxed_u64, kd_fetch_or_u64, kd_fetch_andnot_u64, kd_fetch_add_u64,
                       kd_load_acquire_ptr, kd_store_release_ptr, kd_smp_mb, kd_cpu_relax,
                       kd_ctz64, kd_clz64)
 from _sink cimport (kd_sink, kd_tracker, kd_owned_capsule, KD_SINK_CAPSULE, KD_RING_CAPSULE,
@@ -143,7 +143,8 @@ cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexce
     if mask == 0:
         return 1
     if s == NULL or first >= s.npages or first + <uint64_t>(63 - kd_clz64(mask)) >= s.npages:
-        m.protect_dropped += 1
+        # Stats counters: harvests may run in several threads at once.
+        kd_fetch_add_u64(&m.protect_dropped, 1)
         return 0
     if m.protect_range:
         mask = _range_mask(mask)
@@ -156,7 +157,7 @@ cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexce
     kd_fetch_andnot_u64(&s.writable[w], mask << sh)
     if sh and (mask >> (64 - sh)):
         kd_fetch_andnot_u64(&s.writable[w + 1], mask >> (64 - sh))
-    m.protects += 1
+    kd_fetch_add_u64(&m.protects, 1)
     return 1
 
 
@@ -166,7 +167,7 @@ cdef void _flush_remote_tlbs(kd_mmu *m) noexcept nogil:
     cdef kd_vcpu *v
     if m.faults & F_SKIP_FLUSH:
         return
-    m.flushes += 1
+    kd_fetch_add_u64(&m.flushes, 1)
     for i in range(m.nvcpus):
         # fetch-or (a full barrier on x86, acq_rel in C11): the protect above is
         # visible before the request; pairs with the vCPU's load-acquire of requests.

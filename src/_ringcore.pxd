@@ -70,7 +70,8 @@ cdef inline void kd_gfn_publish(kvm_dirty_gfn *e, uint32_t slot, uint64_t offset
 cdef inline int kd_ring_push(kd_ring *r, uint32_t slot, uint64_t offset) noexcept nogil:
     """kvm_dirty_ring_push, for the ring's single producer (its vCPU)."""
     cdef uint32_t used = kd_ring_used(r)
-    cdef uint32_t di = r.dirty_index
+    # Own index (only the producer writes it): relaxed.
+    cdef uint32_t di = kd_load_relaxed_u32(&r.dirty_index)
     if used >= r.size:
         r.overflows += 1
         return KD_PUSH_FULL
@@ -88,7 +89,9 @@ cdef inline int kd_ring_push(kd_ring *r, uint32_t slot, uint64_t offset) noexcep
 cdef inline size_t kd_ring_push_many(kd_ring *r, const uint32_t *slots,
                                      const uint64_t *offsets, size_t n) noexcept nogil:
     """Push up to n entries (stopping when every entry is live); single producer."""
-    cdef uint32_t used = kd_ring_used(r), di = r.dirty_index, m = r.size - 1
+    cdef uint32_t used = kd_ring_used(r), m = r.size - 1
+    # Own index (only the producer writes it): relaxed.
+    cdef uint32_t di = kd_load_relaxed_u32(&r.dirty_index)
     cdef size_t i, k = 0
     # Locals: stores into entries may alias *r, which would force reloads per entry.
     cdef kvm_dirty_gfn *gfns = r.gfns
@@ -256,7 +259,8 @@ cdef inline uint32_t kd_ring_reset(kd_ring *r, kd_batcher *bp) noexcept nogil:
     kd_ring_push), so flags forged by user space on never-pushed entries cannot
     push reset_index past dirty_index; KVM has no such bound.
     """
-    cdef uint32_t ri = r.reset_index, m = r.size - 1, count = 0, slot
+    # Own index (only the resetter writes it): relaxed.
+    cdef uint32_t ri = kd_load_relaxed_u32(&r.reset_index), m = r.size - 1, count = 0, slot
     # Acquire: pairs with the producer's index store through the user's
     # acquire of DIRTY / release of RESET (see kd_ring_push).
     cdef uint32_t limit = kd_load_acquire_u32(&r.dirty_index) - ri

@@ -67,7 +67,8 @@ ctypedef struct kd_iring:
 
 cdef inline int _iring_push(kd_iring *r, uint32_t slot, uint64_t offset) noexcept nogil:
     """Log one page: 0 logged, 1 logged and now full, -1 refused (every entry live)."""
-    cdef uint32_t di = r.dirty_index
+    # Own index (only the producer writes it): relaxed.
+    cdef uint32_t di = kd_load_relaxed_u32(&r.dirty_index)
     # Acquire pairs with _iring_reset's store-release of reset_index: those
     # entries were read by reset and may be overwritten.
     cdef uint32_t used = di - kd_load_acquire_u32(&r.reset_index)
@@ -103,7 +104,8 @@ cdef inline int _iring_push_locked(kd_iring *r, uint32_t slot, uint64_t offset) 
 
 cdef bint _iring_fetch_valid(kd_iring *r) noexcept nogil:
     """Whether user space's fetch_index lies within what the kernel pushed (as _iring_reset checks)."""
-    cdef uint32_t ri = r.reset_index
+    # Own index (only the resetter writes it): relaxed.
+    cdef uint32_t ri = kd_load_relaxed_u32(&r.reset_index)
     return <uint16_t>(kd_load_acquire_u16(r.fetch) - <uint16_t>ri) <= \
         kd_load_relaxed_u32(&r.dirty_index) - ri
 
@@ -114,7 +116,8 @@ cdef long _iring_reset(kd_iring *r, kd_batcher *b) noexcept nogil:
     Returns the count, or -1 (nothing changed) if user space's fetch_index is
     not within what the kernel has pushed.
     """
-    cdef uint32_t ri = r.reset_index, m = r.size - 1, i, n
+    # Own index (only the resetter writes it): relaxed.
+    cdef uint32_t ri = kd_load_relaxed_u32(&r.reset_index), m = r.size - 1, i, n
     # Acquire pairs with the user's store-release of fetch_index: its reads of
     # the entries are done before we free them.
     cdef uint16_t f = kd_load_acquire_u16(r.fetch)
