@@ -27,6 +27,9 @@ static inline T kd_fetch_andnot_##SFX(T *p, T v)                               \
 { return __atomic_fetch_and(p, (T)~v, __ATOMIC_ACQ_REL); }                     \
 static inline T kd_fetch_add_##SFX(T *p, T v)                                  \
 { return __atomic_fetch_add(p, v, __ATOMIC_ACQ_REL); }                         \
+/* Statistics: atomic (no torn or lost increments) but orders nothing. */      \
+static inline T kd_fetch_add_relaxed_##SFX(T *p, T v)                          \
+{ return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }                         \
 /* Returns 1 and stores desired if *p == expected; else 0 and *expected = *p. */ \
 static inline int kd_cmpxchg_##SFX(T *p, T *expected, T desired)               \
 { return __atomic_compare_exchange_n(p, expected, desired, 0,                  \

@@ -8,6 +8,7 @@ cdef extern from "_atomic.h" nogil:
     void kd_store_release_u16(uint16_t *p, uint16_t v)
     uint16_t kd_xchg_u16(uint16_t *p, uint16_t v)
     uint16_t kd_fetch_add_u16(uint16_t *p, uint16_t v)
+    uint16_t kd_fetch_add_relaxed_u16(uint16_t *p, uint16_t v)
     bint kd_cmpxchg_u16(uint16_t *p, uint16_t *expected, uint16_t desired)
 
     uint32_t kd_load_relaxed_u32(const uint32_t *p)
@@ -20,6 +21,7 @@ cdef extern from "_atomic.h" nogil:
     uint32_t kd_fetch_or_u32(uint32_t *p, uint32_t v)
     uint32_t kd_fetch_andnot_u32(uint32_t *p, uint32_t v)
     uint32_t kd_fetch_add_u32(uint32_t *p, uint32_t v)
+    uint32_t kd_fetch_add_relaxed_u32(uint32_t *p, uint32_t v)
     bint kd_cmpxchg_u32(uint32_t *p, uint32_t *expected, uint32_t desired)
 
     uint64_t kd_load_relaxed_u64(const uint64_t *p)
@@ -30,6 +32,7 @@ cdef extern from "_atomic.h" nogil:
     uint64_t kd_fetch_or_u64(uint64_t *p, uint64_t v)
     uint64_t kd_fetch_andnot_u64(uint64_t *p, uint64_t v)
     uint64_t kd_fetch_add_u64(uint64_t *p, uint64_t v)
+    uint64_t kd_fetch_add_relaxed_u64(uint64_t *p, uint64_t v)
     bint kd_cmpxchg_u64(uint64_t *p, uint64_t *expected, uint64_t desired)
 
     void *kd_load_acquire_ptr(void **p)
