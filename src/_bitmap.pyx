@@ -6,7 +6,28 @@ uint64 buffer (numpy array, mmap through memoryview.cast('Q'), ...).  They
 validate everything first, then run with the GIL released; each shared word
 is read-modified-written atomically (src/_atomic.h), zero words are skipped
 with a vectorised hint read (src/_scan.h).
+
+Harvest protocol (as kvm_get_dirty_log_protect; the caller owns steps 3-4):
+  1. Exchange each non-zero word with 0 (kd_xchg_u64): the bits it returns
+     belong to this harvest; a bit a vCPU sets afterwards (its fetch-or in
+     mark-dirty) belongs to the next one.
+  2. Hand each (word, mask) to the sink, which write-protects exactly those
+     pages (one atomic and-not per word of W bits).
+  3. The caller flushes every vCPU's TLB, then
+  4. returns the snapshot to user space, which copies the pages after that.
+  Between 2 and 3 a vCPU may still write a page through a stale writable TLB
+  entry without faulting, so that write is not logged.  That is safe: the page
+  is already in this harvest's snapshot (step 1 came first) and user space
+  reads its content only after step 3, so it sees the write; every write after
+  step 3 faults and is logged for the next harvest.
+Clear protocol (KVM_CLEAR_DIRTY_LOG): the same, with step 1 a fetch-and-not
+of the user's mask, of which only bits that really were set count.
+
+Buffer lifetime: every buffer a GIL-free loop touches is held as a typed
+memoryview (an export) for the whole loop, so another thread cannot resize
+or close it meanwhile: it gets BufferError instead.
 """
+cimport cython
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_CheckExact
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
@@ -38,6 +59,13 @@ cdef inline size_t nwords_for(uint64_t npages) noexcept nogil:
     return <size_t>((npages + 63) >> 6)
 
 
+# Only this module builds a _Sink (with this token): a half-built one from
+# Python could not be used anyway (it has no Python methods), but refuse it.
+cdef object _SINK_TOKEN = object()
+
+
+@cython.auto_pickle(False)
+@cython.final
 cdef class _Sink:
     """A resolved write-protect sink (validated at the def boundary)."""
     cdef SinkKind kind
@@ -46,6 +74,13 @@ cdef class _Sink:
     cdef kd_sink *c
     cdef object py
     cdef object keep
+    # The buffer sink's export: held as long as this _Sink (the whole call),
+    # so `words` stays valid through the GIL-free loop.
+    cdef uint64_t[::1] wv
+
+    def __cinit__(self, token=None):
+        if token is not _SINK_TOKEN:
+            raise TypeError("_Sink is internal to kvmdirty._bitmap and cannot be built directly")
 
     cdef int resolve(self, object sink, size_t nwords) except -1:
         cdef uint64_t[::1] w
@@ -72,6 +107,7 @@ cdef class _Sink:
         if <size_t>w.shape[0] < nwords:
             raise ValueError(f"sink buffer has {w.shape[0]} words, needs {nwords}")
         self.kind = SINK_WORDS
+        self.wv = w
         self.words = &w[0] if w.shape[0] else NULL
         self.nwords = w.shape[0]
         return 0
@@ -121,7 +157,7 @@ def harvest(uint64_t[::1] words not None, uint64_t[::1] snapshot not None,
     """
     cdef size_t n = words.shape[0], i, pages = 0
     cdef uint64_t mask
-    cdef _Sink s = _Sink()
+    cdef _Sink s = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
     _check_aligned(snapshot, "snapshot")
     if <size_t>snapshot.shape[0] != n:
@@ -153,7 +189,7 @@ def clear_masked(uint64_t[::1] words not None, const uint64_t[::1] masks not Non
     """
     cdef size_t n = masks.shape[0], i, pages = 0
     cdef uint64_t m, cleared
-    cdef _Sink s = _Sink()
+    cdef _Sink s = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
     _check_aligned(masks, "masks")
     if out is not None:
@@ -313,7 +349,7 @@ def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
     cdef size_t n = words.shape[0]
     cdef GfnBuf b
     cdef int err = 0
-    cdef _Sink none = _Sink()
+    cdef _Sink none = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
     _buf_init(&b, n)
     if n:
@@ -335,7 +371,7 @@ def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
     cdef uint64_t mask
     cdef GfnBuf b
     cdef int err = 0
-    cdef _Sink s = _Sink()
+    cdef _Sink s = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
     s.resolve(sink, n)
     _buf_init(&b, n)
