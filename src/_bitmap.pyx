@@ -23,6 +23,11 @@ Harvest protocol (as kvm_get_dirty_log_protect; the caller owns steps 3-4):
 Clear protocol (KVM_CLEAR_DIRTY_LOG): the same, with step 1 a fetch-and-not
 of the user's mask, of which only bits that really were set count.
 
+Error paths: a harvest that fails part-way (a raising Python sink, including
+KeyboardInterrupt; MemoryError growing an output) puts every bit it took back
+into the words (atomic fetch-or) before raising: bits are never dropped.  The
+sink may have seen some of them; they are simply harvested again.
+
 Buffer lifetime: every buffer a GIL-free loop touches is held as a typed
 memoryview (an export) for the whole loop, so another thread cannot resize
 or close it meanwhile: it gets BufferError instead.
@@ -121,6 +126,15 @@ cdef inline void _sink_protect(_Sink s, uint32_t slot, size_t i, uint64_t mask) 
         s.c.protect(s.c.ctx, slot, <uint64_t>i * 64, mask)
 
 
+cdef void _put_back(uint64_t *w, const uint64_t *taken, size_t n) noexcept nogil:
+    """Error path: or the bits a failed call took back into the words."""
+    cdef size_t i
+    for i in range(n):
+        if taken[i]:
+            # fetch-or, like a vCPU's mark-dirty: bits set meanwhile are kept.
+            kd_fetch_or_u64(&w[i], taken[i])
+
+
 cdef size_t _harvest(uint64_t *w, uint64_t *snap, size_t n, bint zeroed,
                      _Sink s, uint32_t slot) noexcept nogil:
     cdef size_t i = 0, j, pages = 0
@@ -154,6 +168,9 @@ def harvest(uint64_t[::1] words not None, uint64_t[::1] snapshot not None,
     with a ``_kd_sink`` capsule (called as ``protect(slot, word*64, mask)``),
     or a Python callable ``sink(word_index, mask)``.  With ``zeroed=True`` the
     snapshot is known to be all zeros and only dirty words are written.
+    If the sink raises (KeyboardInterrupt included), every bit taken is put
+    back into ``words`` before the exception propagates (the snapshot's
+    content is then unspecified).
     """
     cdef size_t n = words.shape[0], i, pages = 0
     cdef uint64_t mask
@@ -169,13 +186,20 @@ def harvest(uint64_t[::1] words not None, uint64_t[::1] snapshot not None,
         with nogil:
             pages = _harvest(&words[0], &snapshot[0], n, zeroed, s, slot)
         return pages
-    for i in range(n):
-        mask = kd_xchg_u64(&words[i], 0) if kd_load_relaxed_u64(&words[i]) else 0
-        if mask or not zeroed:
+    i = 0
+    try:
+        while i < n:
+            mask = kd_xchg_u64(&words[i], 0) if kd_load_relaxed_u64(&words[i]) else 0
+            # Every word, also with zeroed (then it was 0 already): the error
+            # path puts back exactly snapshot[:i + 1].
             snapshot[i] = mask
-        if mask:
-            pages += kd_popcount64(mask)
-            s.py(i, mask)
+            if mask:
+                pages += kd_popcount64(mask)
+                s.py(i, mask)
+            i += 1
+    except BaseException:
+        _put_back(&words[0], &snapshot[0], i + 1 if i < n else n)
+        raise
     return pages
 
 
@@ -186,6 +210,8 @@ def clear_masked(uint64_t[::1] words not None, const uint64_t[::1] masks not Non
 
     Only bits that really were set count: they are written to ``out`` (if
     given), handed to ``sink`` (as in :func:`harvest`) and their number is returned.
+    If a Python sink raises, every bit cleared is set again before the
+    exception propagates (``out`` is then unspecified).
     """
     cdef size_t n = masks.shape[0], i, pages = 0
     cdef uint64_t m, cleared
@@ -216,14 +242,21 @@ def clear_masked(uint64_t[::1] words not None, const uint64_t[::1] masks not Non
                     pages += kd_popcount64(cleared)
                     _sink_protect(s, slot, first_word + i, cleared)
         return pages
-    for i in range(n):
-        m = masks[i]
-        cleared = kd_fetch_andnot_u64(&words[first_word + i], m) & m if m else 0
-        if out is not None:
-            out[i] = cleared
-        if cleared:
-            pages += kd_popcount64(cleared)
-            s.py(first_word + i, cleared)
+    # What each word gave up, for the error path (allocated before any bit is taken).
+    cdef uint64_t[::1] took = out if out is not None else np.zeros(n, np.uint64)
+    i = 0
+    try:
+        while i < n:
+            m = masks[i]
+            cleared = kd_fetch_andnot_u64(&words[first_word + i], m) & m if m else 0
+            took[i] = cleared
+            if cleared:
+                pages += kd_popcount64(cleared)
+                s.py(first_word + i, cleared)
+            i += 1
+    except BaseException:
+        _put_back(&words[first_word], &took[0], i + 1 if i < n else n)
+        raise
     return pages
 
 
@@ -278,22 +311,47 @@ cdef int _buf_push_word(GfnBuf *b, uint64_t base, size_t word, uint64_t m) noexc
 
 
 cdef object _buf_to_array(GfnBuf *b):
-    """Hand the buffer to numpy without a copy (it is freed with the array)."""
+    """Hand the buffer to numpy without a copy (it is freed with the array).
+
+    b keeps owning the buffer until nothing can fail any more, so that a
+    MemoryError here leaves it to the caller's error path (which may have to
+    put its pages back into a bitmap).
+    """
     cdef cvarray a
     cdef uint64_t *p
     if b.n == 0:
+        out = np.zeros(0, dtype=np.uint64)
         free(b.p)
         b.p = NULL
-        return np.zeros(0, dtype=np.uint64)
+        return out
     p = <uint64_t *>realloc(b.p, b.n * sizeof(uint64_t))   # give back the slack
     if p != NULL:
         b.p = p
+        b.cap = b.n
     a = cvarray(shape=(b.n,), itemsize=sizeof(uint64_t), format="Q", mode="c",
                 allocate_buffer=False)
-    a.data = <char *>b.p
-    a.callback_free_data = free
+    a.data = <char *>b.p          # not freed by a (allocate_buffer=False) ...
+    out = np.asarray(a)
+    a.callback_free_data = free   # ... until numpy holds it: now it owns the buffer
     b.p = NULL
-    return np.asarray(a)
+    return out
+
+
+cdef void _put_back_gfns(uint64_t *w, uint64_t base, const GfnBuf *b) noexcept nogil:
+    """Error path of harvest_gfns: or every listed page back into its word.
+
+    The list is ascending, so each word's bits are gathered into one fetch-or.
+    """
+    cdef size_t i = 0, word
+    cdef uint64_t mask, rel
+    while i < b.n:
+        rel = b.p[i] - base
+        word = <size_t>(rel >> 6)
+        mask = 0
+        while i < b.n and <size_t>((b.p[i] - base) >> 6) == word:
+            mask |= (<uint64_t>1) << ((b.p[i] - base) & 63)
+            i += 1
+        kd_fetch_or_u64(&w[word], mask)
 
 
 cdef inline void _buf_init(GfnBuf *b, size_t nwords) noexcept nogil:
@@ -332,14 +390,6 @@ cdef int _list_gfns(uint64_t *w, size_t n, uint64_t base, GfnBuf *b, bint take,
         i += 1
 
 
-cdef object _gfns_or_raise(GfnBuf *b, int err):
-    if err:
-        free(b.p)
-        b.p = NULL
-        raise MemoryError()
-    return _buf_to_array(b)
-
-
 def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
     """The set bits as a uint64 numpy array of page numbers (``base`` + bit index), ascending.
 
@@ -352,11 +402,16 @@ def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
     cdef _Sink none = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
     _buf_init(&b, n)
-    if n:
-        with nogil:
-            # Not written through: take=False only reads.
-            err = _list_gfns(<uint64_t *>&words[0], n, base, &b, False, none, 0)
-    return _gfns_or_raise(&b, err)
+    try:
+        if n:
+            with nogil:
+                # Not written through: take=False only reads.
+                err = _list_gfns(<uint64_t *>&words[0], n, base, &b, False, none, 0)
+        if err:
+            raise MemoryError()
+        return _buf_to_array(&b)
+    finally:
+        free(b.p)                 # NULL once numpy owns it
 
 
 def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
@@ -366,6 +421,9 @@ def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
     The same as :func:`harvest` followed by :func:`to_gfns` on the snapshot,
     without materialising the snapshot.  Returns a uint64 array of
     ``base`` + page index, ascending.
+
+    On any failure (MemoryError growing the list, a raising Python sink,
+    KeyboardInterrupt) every page taken is put back into ``words`` first.
     """
     cdef size_t n = words.shape[0], i
     cdef uint64_t mask
@@ -375,18 +433,32 @@ def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
     _check_aligned(words, "words")
     s.resolve(sink, n)
     _buf_init(&b, n)
-    if s.kind == SINK_PY:
-        for i in range(n):
-            mask = kd_xchg_u64(&words[i], 0) if kd_load_relaxed_u64(&words[i]) else 0
-            if mask:
-                s.py(i, mask)
-                if _buf_push_word(&b, base, i, mask):
-                    err = -1
-                    break
-    elif n:
-        with nogil:
-            err = _list_gfns(&words[0], n, base, &b, True, s, slot)
-    return _gfns_or_raise(&b, err)
+    try:
+        if s.kind == SINK_PY:
+            for i in range(n):
+                mask = kd_xchg_u64(&words[i], 0) if kd_load_relaxed_u64(&words[i]) else 0
+                if mask:
+                    # Listed before the sink sees it: from here on the error
+                    # path finds it in b.
+                    if _buf_push_word(&b, base, i, mask):
+                        kd_fetch_or_u64(&words[i], mask)
+                        err = -1
+                        break
+                    s.py(i, mask)
+        elif n:
+            with nogil:
+                # On -1 the word that did not fit is already back in words.
+                err = _list_gfns(&words[0], n, base, &b, True, s, slot)
+        if err:
+            raise MemoryError()
+        return _buf_to_array(&b)
+    except BaseException:
+        if b.p != NULL:
+            with nogil:
+                _put_back_gfns(&words[0], base, &b)
+        raise
+    finally:
+        free(b.p)                 # NULL once numpy owns it
 
 
 def set_bit(uint64_t[::1] words not None, uint64_t nr):
@@ -482,8 +554,18 @@ cdef class DirtyBitmap:
 
     def harvest(self, sink=None, *, unsigned int slot=0):
         """Take every dirty bit (xchg to 0); return the snapshot as a new uint64 array."""
+        cdef uint64_t[::1] sv
         snap = np.zeros(self._w.shape[0], dtype=np.uint64)
-        harvest(self._w, snap, sink, zeroed=True, slot=slot)
+        try:
+            harvest(self._w, snap, sink, zeroed=True, slot=slot)
+        except BaseException:
+            # A failure inside harvest already put its bits back; this also
+            # covers one after it (boxing its count): snap is ours alone, and
+            # or-ing a bit back twice is harmless.
+            sv = snap
+            if sv.shape[0]:
+                _put_back(&self._w[0], &sv[0], sv.shape[0])
+            raise
         return snap
 
     def clear(self, first_page, masks, sink=None, *, unsigned int slot=0):

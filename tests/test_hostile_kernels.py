@@ -171,3 +171,95 @@ def test_public_classes_are_valid_or_refused_however_built(cls, args):
     import copy
     with pytest.raises(TypeError):
         copy.copy(cls(*args))
+# -- harvest error paths: no bit dropped ------------------------------------
+
+class Boom(Exception):
+    pass
+
+
+def _raising_sink(after: int, exc: type):
+    calls = []
+
+    def sink(*batch):
+        calls.append(batch)
+        if len(calls) > after:
+            raise exc("sink failed")
+    return sink, calls
+
+
+_BITMAP_CALLS = {
+    "harvest": lambda w, sink: _bitmap.harvest(w, np.zeros(len(w), np.uint64), sink),
+    "harvest_zeroed": lambda w, sink: _bitmap.harvest(w, np.zeros(len(w), np.uint64), sink, zeroed=True),
+    "harvest_gfns": lambda w, sink: _bitmap.harvest_gfns(w, sink, 1000),
+    "clear_masked": lambda w, sink: _bitmap.clear_masked(w, np.full(len(w), 0xF0F0F0F0F0F0F0F0, np.uint64),
+                                                         0, None, sink),
+    "clear_masked_out": lambda w, sink: _bitmap.clear_masked(w, np.full(len(w), 0xF0F0F0F0F0F0F0F0, np.uint64),
+                                                             0, np.zeros(len(w), np.uint64), sink),
+}
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt, MemoryError])
+@pytest.mark.parametrize("after", [0, 5, 40])
+@pytest.mark.parametrize("fn", sorted(_BITMAP_CALLS))
+def test_raising_python_sink_puts_every_taken_bit_back(fn, after, exc):
+    w = _pattern(200)
+    before = w.copy()
+    sink, calls = _raising_sink(after, exc)
+    with pytest.raises(exc):
+        _BITMAP_CALLS[fn](w, sink)
+    assert len(calls) == after + 1
+    # The oracle: the bitmap is exactly as before (nothing else writes it).
+    assert (w == before).all(), np.flatnonzero(w != before)[:10]
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+def test_dirty_bitmap_harvest_with_raising_sink_keeps_the_bits(exc):
+    b = _bitmap.DirtyBitmap(64 * 100)
+    b.set_many(np.arange(0, 6400, 7))
+    before = b.words.copy()
+    sink, calls = _raising_sink(3, exc)
+    with pytest.raises(exc):
+        b.harvest(sink)
+    assert (b.words == before).all()
+    with pytest.raises(exc):
+        b.clear(0, np.full(100, ALL, np.uint64), _raising_sink(3, exc)[0])
+    assert (b.words == before).all()
+    # And the next harvest, with a sink that works, gets every bit once.
+    assert (b.harvest() == before).all() and b.popcount() == 0
+
+
+def test_harvest_gfns_out_of_memory_puts_every_taken_bit_back():
+    # 2**22 dirty pages in 2**16 words: the gfn list needs 32 MiB, and the
+    # address space is capped so that it cannot grow that far.
+    code = """
+        import resource, numpy as np
+        from kvmdirty import _bitmap
+        n = 1 << 16
+        words = np.full(n, 0xFFFFFFFFFFFFFFFF, np.uint64)
+        words[::3] = 0x5555555555555555
+        expect = _bitmap.popcount(words)
+        def vm_size():
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmSize:"):
+                        return int(line.split()[1]) * 1024
+        cap = vm_size() + (8 << 20)
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        try:
+            _bitmap.harvest_gfns(words, None, 0)
+        except MemoryError:
+            print("MemoryError")
+        else:
+            raise SystemExit("no MemoryError: the cap did not bite")
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+        got = _bitmap.popcount(words)
+        print("kept", got, "of", expect)
+        assert got == expect
+    """
+    if SANITIZER:
+        pytest.skip("RLIMIT_AS and ASan's shadow memory do not mix")
+    p = _run_py(code)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    assert "MemoryError" in p.stdout
