@@ -8,7 +8,13 @@ ring's ``_kd_ring`` capsule.
 
 Threads: one producer (the vCPU, or push/push_many), one collector and one
 resetter may run at the same time; each releases the GIL in its loop.  Two
-collectors (or two resetters) at once raise RuntimeError.
+collectors (or two resetters) at once raise RuntimeError and change nothing;
+so does a collect() of foreign memory that overlaps a ring another thread is
+collecting (with collect() or DirtyRing.collect).
+
+User space owns the entries and may write anything into them: reset follows
+KVM exactly (see _ringcore.pxd), and nothing written there can make us read
+or write outside the ring.
 
 Fault injection (ordering bugs the verifier must catch; off by default):
   publish_early    push stores flags = DIRTY before slot/offset (also in the MMU's push)
@@ -23,14 +29,14 @@ import operator
 
 import numpy as np
 
-from _atomic cimport kd_load_acquire_u32, kd_load_relaxed_u32
+from _atomic cimport kd_load_acquire_u32, kd_load_relaxed_u32, kd_store_relaxed_u32, kd_load_relaxed_u64
 from _uapi cimport kvm_dirty_gfn
 from _sink cimport kd_sink, kd_owned_capsule, KD_RING_CAPSULE
-from _ringcore cimport (kd_ring, kd_ring_used, kd_ring_push, kd_ring_push_many,
+from _ringcore cimport (kd_ring, kd_ring_used, kd_ring_full, kd_ring_push, kd_ring_push_many,
                         kd_ring_collect, kd_ring_collect_relaxed, kd_ring_reset,
                         kd_batcher, kd_batcher_init, kd_batch_log, kd_batch_log_protect,
                         kd_sink_resolve, KD_SINK_NONE, KD_SINK_C, KD_SINK_PY,
-                        KD_PUSH_FULL, KD_RING_F_PUBLISH_EARLY)
+                        KD_PUSH_FULL, KD_RING_F_PUBLISH_EARLY, KD_RESET_MAX)
 
 ENTRY_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 if ENTRY_DTYPE.itemsize != sizeof(kvm_dirty_gfn):
@@ -49,6 +55,29 @@ cdef enum:
     BUSY_PRODUCER = 1
     BUSY_COLLECT = 2
     BUSY_RESET = 4
+
+
+# Rings being collected right now, as [start, end) byte ranges: a second
+# collector of the same entries is refused (guarded by the GIL).
+cdef list _collecting = []
+
+
+cdef object _claim(uintptr_t start, size_t nbytes):
+    """Register [start, start + nbytes) as being collected; RuntimeError if it overlaps one."""
+    cdef uintptr_t end = start + nbytes
+    for a, b in _collecting:
+        if start < b and a < end:
+            raise RuntimeError("another thread is already collecting this ring")
+    claim = (start, end)
+    _collecting.append(claim)
+    return claim
+
+
+cdef void _unclaim(object claim) noexcept:
+    try:
+        _collecting.remove(claim)
+    except BaseException:      # cannot fail: the claim is in the list
+        pass
 
 
 class RingFullError(RuntimeError):
@@ -95,6 +124,9 @@ cdef class DirtyRing:
     cdef bint _relaxed_collect
     cdef bint _closed
     cdef bint _capsule_taken
+    # Reset batches a raising Python sink did not protect: offered again,
+    # first, by the next reset with a sink (never dropped).
+    cdef list _unprotected
 
     def __cinit__(self, entries, *, cpu_dirty_log_size=0):
         cdef uintptr_t addr
@@ -116,6 +148,7 @@ cdef class DirtyRing:
         self.r.size = entries
         self.r.soft_limit = entries - RSVD_ENTRIES - cdl
         self.cpu_dirty_log_size = cdl
+        self._unprotected = []
 
     # -- lifetime ---------------------------------------------------------
     cdef int _enter(self, uint32_t role) except -1:
@@ -169,7 +202,7 @@ cdef class DirtyRing:
         cdef int rc
         self._enter(BUSY_PRODUCER)
         try:
-            if kd_ring_used(&self.r) >= self.r.size:
+            if kd_ring_full(&self.r):
                 raise RingFullError(f"all {self.r.size} entries are live; reset first")
             rc = kd_ring_push(&self.r, s, o)
         finally:
@@ -194,12 +227,23 @@ cdef class DirtyRing:
     def reset(self, sink=None):
         """KVM_RESET_DIRTY_RINGS for this ring: free every harvested (RESET) entry, in order.
 
-        Consecutive entries are coalesced into (slot, first_page, 64-bit mask)
-        batches as kvm_dirty_ring_reset does, and each batch is write-protected
-        through ``sink``: None (nothing protected), an object with a
-        ``_kd_sink`` capsule (e.g. kvmdirty._mmu.Mmu), or a Python callable
+        As KVM: from reset_index while the entry's flags have RESET, whoever
+        wrote them (RESET forged on entries never pushed is reset too, and
+        reset_index may then pass dirty_index).  Consecutive entries are
+        coalesced into (slot, first_page, 64-bit mask) batches as
+        kvm_dirty_ring_reset does, and each batch is write-protected through
+        ``sink``: None (nothing protected), an object with a ``_kd_sink``
+        capsule (e.g. kvmdirty._mmu.Mmu), or a Python callable
         ``sink(slot, first_page, mask)`` returning False when it drops the
         batch.  Returns the number of entries reset.  The TLB flush is the caller's.
+
+        A Python sink that raises (KeyboardInterrupt included) cannot undo the
+        reset: the entries are free and the producer may already reuse them.
+        So every batch is still offered to it; then the first exception is
+        re-raised with the batches it failed on as ``exc.unprotected_batches``.
+        Those batches are also kept on the ring (``unprotected_batches``) and
+        offered first to the sink of the next reset that has one, until one
+        protects them: a protect is never lost.
         """
         cdef kd_sink *cs = NULL
         # cap stays referenced (and its owner alive) for the whole call.
@@ -207,13 +251,15 @@ cdef class DirtyRing:
         cdef int kind = kd_sink_resolve(sink, cap, &cs)
         cdef kd_batcher b
         cdef kd_batch_log log
-        cdef uint32_t count
+        cdef uint32_t count, max_count = KD_RESET_MAX
         cdef uint32_t[::1] ls
         cdef uint64_t[::1] lf, lm
         count = 0
         kd_batcher_init(&b, NULL, NULL)
         self._enter(BUSY_RESET)
         try:
+            if self._unprotected and kind != KD_SINK_NONE:
+                self._reprotect(sink, kind, cs)
             if kind == KD_SINK_C:
                 kd_batcher_init(&b, cs.protect, cs.ctx)
             elif kind == KD_SINK_PY:
@@ -224,14 +270,15 @@ cdef class DirtyRing:
                 log.slots, log.firsts, log.masks = &ls[0], &lf[0], &lm[0]
                 log.n, log.cap = 0, self.r.size
                 kd_batcher_init(&b, kd_batch_log_protect, &log)
+                # The log holds a batch per entry at most: walk at most size
+                # entries (more only if user space forges RESET behind the walk).
+                max_count = self.r.size
             with nogil:
-                count = kd_ring_reset(&self.r, &b)
+                count = kd_ring_reset(&self.r, &b, max_count)
             if kind == KD_SINK_PY:
                 # The entries are already free (as in KVM, where reset_index moves
                 # before the batch is protected); protect before returning.
-                for i in range(log.n):
-                    if sink(int(ls[i]), int(lf[i]), int(lm[i])) is False:
-                        b.dropped += 1
+                b.dropped += self._offer(sink, a_s, a_f, a_m, log.n)
         finally:
             self._resets += count
             self._reset_calls += 1
@@ -239,6 +286,49 @@ cdef class DirtyRing:
             self._dropped += b.dropped
             self._leave(BUSY_RESET)
         return count
+
+    cdef int _offer(self, object sink, slots, firsts, masks, size_t n) except -1:
+        """Offer batches i < n to a Python sink; keep and report the ones it raised on.
+
+        Returns how many it dropped (returned False).
+        """
+        cdef int dropped = 0
+        cdef size_t i
+        failed = []
+        first = None
+        for i in range(n):
+            try:
+                if sink(int(slots[i]), int(firsts[i]), int(masks[i])) is False:
+                    dropped += 1
+            except BaseException as e:
+                failed.append((int(slots[i]), int(firsts[i]), int(masks[i])))
+                if first is None:
+                    first = e
+        if first is not None:
+            self._unprotected.extend(failed)
+            try:
+                first.unprotected_batches = failed
+            except AttributeError:
+                pass
+            raise first
+        return dropped
+
+    cdef int _reprotect(self, object sink, int kind, kd_sink *cs) except -1:
+        """Offer the batches a raising sink left unprotected to this reset's sink, first."""
+        pending = self._unprotected
+        self._unprotected = []
+        if kind == KD_SINK_C:
+            for slot, first, mask in pending:
+                cs.protect(cs.ctx, slot, first, mask)
+            return 0
+        self._offer(sink, [p[0] for p in pending], [p[1] for p in pending],
+                    [p[2] for p in pending], len(pending))
+        return 0
+
+    @property
+    def unprotected_batches(self):
+        """(slot, first_page, mask) batches a raising Python sink has not protected yet."""
+        return list(self._unprotected)
 
     # -- user side --------------------------------------------------------
     def collect(self, max_count=None, out_slots=None, out_offsets=None):
@@ -266,11 +356,15 @@ cdef class DirtyRing:
             if cap == 0:
                 return a_s[:0], a_o[:0]
             vs, vo = a_s, a_o
-            with nogil:
-                if self._relaxed_collect:
-                    n = kd_ring_collect_relaxed(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
-                else:
-                    n = kd_ring_collect(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
+            claim = _claim(<uintptr_t>self.r.gfns, self.r.size * sizeof(kvm_dirty_gfn))
+            try:
+                with nogil:
+                    if self._relaxed_collect:
+                        n = kd_ring_collect_relaxed(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
+                    else:
+                        n = kd_ring_collect(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
+            finally:
+                _unclaim(claim)
             self._fetch += <uint32_t>n
             self._collected += n
         finally:
@@ -324,12 +418,15 @@ cdef class DirtyRing:
     property publish_early:
         """Fault injection: push stores flags = DIRTY before slot/offset."""
         def __get__(self):
-            return bool(self.r.faults & KD_RING_F_PUBLISH_EARLY)
+            return bool(kd_load_relaxed_u32(&self.r.faults) & KD_RING_F_PUBLISH_EARLY)
         def __set__(self, bint on):
+            # Relaxed: a producer running now reads it relaxed, per push.
+            cdef uint32_t f = kd_load_relaxed_u32(&self.r.faults)
             if on:
-                self.r.faults |= KD_RING_F_PUBLISH_EARLY
+                f |= KD_RING_F_PUBLISH_EARLY
             else:
-                self.r.faults &= ~KD_RING_F_PUBLISH_EARLY
+                f &= ~KD_RING_F_PUBLISH_EARLY
+            kd_store_relaxed_u32(&self.r.faults, f)
 
     property relaxed_collect:
         """Fault injection: collect uses relaxed loads and stores of flags."""
@@ -340,9 +437,10 @@ cdef class DirtyRing:
 
     @property
     def stats(self):
-        return {"pushes": self.r.pushes, "collected": self._collected, "resets": self._resets,
-                "reset_calls": self._reset_calls, "batches": self._batches,
-                "dropped": self._dropped, "overflows": self.r.overflows}
+        # Relaxed: the producer (a vCPU thread) counts them with relaxed fetch-adds.
+        return {"pushes": kd_load_relaxed_u64(&self.r.pushes), "collected": self._collected,
+                "resets": self._resets, "reset_calls": self._reset_calls, "batches": self._batches,
+                "dropped": self._dropped, "overflows": kd_load_relaxed_u64(&self.r.overflows)}
 
     def __repr__(self):
         return (f"DirtyRing(entries={self.r.size}, used={kd_ring_used(&self.r)}, "
@@ -391,9 +489,14 @@ def collect(entries, fetch_index, max_count=None):
         a_o = np.empty(cap, np.uint64)
         if cap:
             vs, vo = a_s, a_o
-            with nogil:
-                n = kd_ring_collect(<kvm_dirty_gfn *>view.buf, <uint32_t>count, fetch,
-                                    &vs[0], &vo[0], cap)
+            # The Py_buffer `view` stays held (exported) until the finally below.
+            claim = _claim(<uintptr_t>view.buf, nbytes)
+            try:
+                with nogil:
+                    n = kd_ring_collect(<kvm_dirty_gfn *>view.buf, <uint32_t>count, fetch,
+                                        &vs[0], &vo[0], cap)
+            finally:
+                _unclaim(claim)
     finally:
         PyBuffer_Release(&view)
     return a_s[:n], a_o[:n], (fetch + n) & _U32_MAX

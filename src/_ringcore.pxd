@@ -3,12 +3,43 @@
 # kvmdirty._mmu (the guest write loop).
 # Mirrors virt/kvm/dirty_ring.c: entries are struct kvm_dirty_gfn; the kernel
 # keeps private free-running u32 dirty_index / reset_index; used = dirty - reset.
+#
+# The protocol (each step names the access that carries it):
+#   Push (the vCPU, single producer per ring; kd_ring_push):
+#     1. Refuse if every entry is live (kd_ring_full): never overwrite.
+#     2. Advance dirty_index (relaxed: only the producer writes it).
+#     3. Write slot and offset, then store-release flags = DIRTY: whoever
+#        load-acquires DIRTY sees the payload.
+#     4. Soft-full if the new used >= soft_limit: the vCPU exits
+#        DIRTY_RING_FULL before its next write.
+#   Collect (user space, one collector per ring; kd_ring_collect):
+#     1. From its own fetch index, load-acquire flags; stop unless == DIRTY
+#        (pairs with push step 3).
+#     2. Read slot and offset, then store-release flags = RESET: the reads
+#        are done before the kernel may recycle the entry.
+#   Reset (KVM_RESET_DIRTY_RINGS, one resetter per ring; kd_ring_reset):
+#     1. From reset_index, load-acquire flags; stop unless it has RESET
+#        (pairs with collect step 2; bit 0 ignored).  Nothing else bounds the
+#        walk, exactly as in KVM: RESET forged by user space on entries never
+#        pushed is reset too, and reset_index may pass dirty_index (used then
+#        reads 0, as /dev/kvm behaves: pushes go on from dirty_index and the
+#        ring counts again once the producer has caught up).
+#     2. Read slot and offset, store-release flags = 0, advance reset_index.
+#     3. Coalesce into (slot, base, 64-bit mask) batches; write-protect each
+#        through the sink (which drops a bad slot or a batch past the slot end).
+#     4. Store-release reset_index: the producer, acquiring it in used, sees
+#        the flags = 0 stores before it reuses the entries.
+#     The TLB flush (after every ring) is the caller's, as in
+#     kvm_vm_ioctl_reset_dirty_pages.
+# Whatever user space writes into the entries (flags, slot, offset), every
+# index into gfns is masked with size - 1 and slot/offset only reach the sink,
+# which bounds-checks them: nothing it writes can reach outside the ring.
 from cpython.pycapsule cimport PyCapsule_IsValid, PyCapsule_GetPointer
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from _uapi cimport kvm_dirty_gfn, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
 from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_relaxed_u32,
                       kd_load_relaxed_u32, kd_load_relaxed_u64, kd_cmpxchg_u32,
-                      kd_fetch_add_u64, kd_cpu_relax, kd_compiler_barrier)
+                      kd_fetch_add_relaxed_u64, kd_cpu_relax, kd_compiler_barrier)
 from _sink cimport kd_sink, kd_protect_fn, KD_SINK_CAPSULE
 
 ctypedef struct kd_ring:
@@ -17,15 +48,20 @@ ctypedef struct kd_ring:
     uint32_t soft_limit      # size - 64 - cpu_dirty_log_size
     uint32_t dirty_index     # kernel: next entry to push (written by the producer only)
     uint32_t reset_index     # kernel: next entry to reset (written by reset only)
-    uint64_t overflows       # pushes refused because used == size (a kernel WARN)
-    uint64_t pushes          # entries pushed (u64: never wraps; producer-written)
-    uint32_t faults          # KD_RING_F_* deliberate ordering bugs, 0 in normal use
+    # Statistics, read by other threads: relaxed atomics on both sides.
+    uint64_t overflows       # pushes refused because every entry is live (a kernel WARN)
+    uint64_t pushes          # entries pushed (u64: never wraps)
+    uint32_t faults          # KD_RING_F_* deliberate ordering bugs, 0 in normal use (relaxed)
 
 # Return codes of kd_ring_push
 cdef enum:
     KD_PUSH_OK = 0
     KD_PUSH_SOFT_FULL = 1    # pushed; the ring is now at or past its soft limit
     KD_PUSH_FULL = -1        # refused: every entry is live (never overwrite)
+
+# The most entries one kd_ring_reset call walks, as KVM's INT_MAX bound.
+cdef enum:
+    KD_RESET_MAX = 0x7FFFFFFF
 
 # kd_ring.faults bits (fault injection for the verifier)
 cdef enum:
@@ -40,10 +76,24 @@ cdef enum:
     KD_RELAXED_COLLECT_SPIN = 512
 
 
-cdef inline uint32_t kd_ring_used(kd_ring *r) noexcept nogil:
+cdef inline int32_t kd_ring_backlog(kd_ring *r) noexcept nogil:
+    """dirty - reset: entries pushed and not reset; negative once a reset ran ahead."""
     # Acquire on reset_index pairs with the store-release in kd_ring_reset:
     # entries below it have flags == 0 again and reset's reads of them are done.
-    return kd_load_relaxed_u32(&r.dirty_index) - kd_load_acquire_u32(&r.reset_index)
+    return <int32_t>(kd_load_relaxed_u32(&r.dirty_index) - kd_load_acquire_u32(&r.reset_index))
+
+
+cdef inline uint32_t kd_ring_used(kd_ring *r) noexcept nogil:
+    """kvm_dirty_ring_used, as /dev/kvm behaves: 0 while a reset of forged RESET
+    flags has run reset_index ahead of dirty_index (measured on Linux 6.18: no
+    soft-full exit there, the vCPU keeps pushing from dirty_index)."""
+    cdef int32_t b = kd_ring_backlog(r)
+    return <uint32_t>b if b > 0 else 0
+
+
+cdef inline bint kd_ring_full(kd_ring *r) noexcept nogil:
+    """Every entry is live: a push would overwrite one (KVM WARNs; we refuse)."""
+    return kd_ring_used(r) >= r.size
 
 
 cdef inline void kd_gfn_publish(kvm_dirty_gfn *e, uint32_t slot, uint64_t offset,
@@ -73,14 +123,15 @@ cdef inline int kd_ring_push(kd_ring *r, uint32_t slot, uint64_t offset) noexcep
     # Own index (only the producer writes it): relaxed.
     cdef uint32_t di = kd_load_relaxed_u32(&r.dirty_index)
     if used >= r.size:
-        r.overflows += 1
+        kd_fetch_add_relaxed_u64(&r.overflows, 1)
         return KD_PUSH_FULL
     # dirty_index is written only by the producer.  It is advanced before the
-    # flags are released, so whoever acquires this entry's DIRTY (and, through
-    # the user's RESET, kd_ring_reset) also sees an index that covers it.
+    # flags are released, so whoever acquires this entry's DIRTY also sees an
+    # index (and a used) that covers it.
     kd_store_relaxed_u32(&r.dirty_index, di + 1)
-    kd_gfn_publish(&r.gfns[di & (r.size - 1)], slot, offset, r.faults)
-    r.pushes += 1
+    kd_gfn_publish(&r.gfns[di & (r.size - 1)], slot, offset, kd_load_relaxed_u32(&r.faults))
+    kd_fetch_add_relaxed_u64(&r.pushes, 1)
+    # kvm_dirty_ring_soft_full on the new used (0 + 1 after a forged reset ran ahead).
     if used + 1 >= r.soft_limit:
         return KD_PUSH_SOFT_FULL
     return KD_PUSH_OK
@@ -89,24 +140,28 @@ cdef inline int kd_ring_push(kd_ring *r, uint32_t slot, uint64_t offset) noexcep
 cdef inline size_t kd_ring_push_many(kd_ring *r, const uint32_t *slots,
                                      const uint64_t *offsets, size_t n) noexcept nogil:
     """Push up to n entries (stopping when every entry is live); single producer."""
-    cdef uint32_t used = kd_ring_used(r), m = r.size - 1
+    cdef int32_t backlog = kd_ring_backlog(r)
+    cdef uint32_t m = r.size - 1
     # Own index (only the producer writes it): relaxed.
     cdef uint32_t di = kd_load_relaxed_u32(&r.dirty_index)
+    cdef uint32_t faults = kd_load_relaxed_u32(&r.faults)
     cdef size_t i, k = 0
     # Locals: stores into entries may alias *r, which would force reloads per entry.
     cdef kvm_dirty_gfn *gfns = r.gfns
     cdef kvm_dirty_gfn *e
-    if used < r.size:
-        k = r.size - used
+    # As many as one-at-a-time pushes would take before kd_ring_full: with a
+    # negative backlog (a forged reset ran reset_index ahead) more than size.
+    if backlog < <int64_t>r.size:
+        k = <size_t>(<int64_t>r.size - <int64_t>backlog)
     if n < k:
         k = n
     if k == 0:
         return 0
     # Advanced before the releases below, as in kd_ring_push.
     kd_store_relaxed_u32(&r.dirty_index, di + <uint32_t>k)
-    if r.faults:
+    if faults:
         for i in range(k):
-            kd_gfn_publish(&r.gfns[(di + <uint32_t>i) & m], slots[i], offsets[i], r.faults)
+            kd_gfn_publish(&r.gfns[(di + <uint32_t>i) & m], slots[i], offsets[i], faults)
     else:
         for i in range(k):
             e = &gfns[(di + <uint32_t>i) & m]
@@ -114,7 +169,7 @@ cdef inline size_t kd_ring_push_many(kd_ring *r, const uint32_t *slots,
             e.offset = offsets[i]
             # Release pairs with kd_ring_collect's load-acquire of flags.
             kd_store_release_u32(&e.flags, KVM_DIRTY_GFN_F_DIRTY)
-    r.pushes += k
+    kd_fetch_add_relaxed_u64(&r.pushes, k)
     return k
 
 
@@ -124,18 +179,23 @@ cdef inline int kd_ring_push_shared(kd_ring *r, uint32_t slot, uint64_t offset) 
     The alternative raised in seed 002's review: one ring shared by every vCPU.
     """
     cdef uint32_t head = kd_load_relaxed_u32(&r.dirty_index), used
+    cdef int32_t backlog
     while True:
         # Acquire pairs with kd_ring_reset's store-release of reset_index.
-        used = head - kd_load_acquire_u32(&r.reset_index)
+        backlog = <int32_t>(head - kd_load_acquire_u32(&r.reset_index))
+        used = <uint32_t>backlog if backlog > 0 else 0      # as kd_ring_used
         if used >= r.size:
-            kd_fetch_add_u64(&r.overflows, 1)
+            kd_fetch_add_relaxed_u64(&r.overflows, 1)
             return KD_PUSH_FULL
-        # The cmpxchg makes entry `head` ours alone; on failure head is reloaded
-        # (acquire) and we retry.  Its release half orders it before our flags
-        # store, as kd_ring_push's relaxed index store is.
+        # The cmpxchg makes entry `head` ours alone: no other producer can
+        # move dirty_index from the same value.  On failure head is reloaded
+        # and we retry.  Its ordering against our payload is not what makes
+        # the entry safe to read: the store-release of DIRTY in kd_gfn_publish
+        # orders every earlier access of ours (this cmpxchg included) before
+        # the flag, as it does kd_ring_push's relaxed index store.
         if kd_cmpxchg_u32(&r.dirty_index, &head, head + 1):
             break
-    kd_gfn_publish(&r.gfns[head & (r.size - 1)], slot, offset, r.faults)
+    kd_gfn_publish(&r.gfns[head & (r.size - 1)], slot, offset, kd_load_relaxed_u32(&r.faults))
     if used + 1 >= r.soft_limit:
         return KD_PUSH_SOFT_FULL
     return KD_PUSH_OK
@@ -251,27 +311,23 @@ cdef inline void kd_batcher_add(kd_batcher *b, uint32_t slot, uint64_t offset) n
     b.mask = 1
 
 
-cdef inline uint32_t kd_ring_reset(kd_ring *r, kd_batcher *bp) noexcept nogil:
+cdef inline uint32_t kd_ring_reset(kd_ring *r, kd_batcher *bp, uint32_t max_count) noexcept nogil:
     """kvm_dirty_ring_reset: from reset_index while flags has RESET; returns the count.
 
-    One resetter at a time (KVM holds slots_lock).  Bounded by used (read once:
-    every entry the caller collected before calling is covered, see
-    kd_ring_push), so flags forged by user space on never-pushed entries cannot
-    push reset_index past dirty_index; KVM has no such bound.
+    One resetter at a time (KVM holds slots_lock).  Like KVM, only the flags
+    bound the walk: RESET forged by user space on entries never pushed is
+    reset and counted, and reset_index may pass dirty_index.  ``max_count``
+    caps one call (KVM: INT_MAX entries, or a pending signal), so a user
+    thread forging RESET behind the walk cannot keep it going forever.
     """
     # Own index (only the resetter writes it): relaxed.
     cdef uint32_t ri = kd_load_relaxed_u32(&r.reset_index), m = r.size - 1, count = 0, slot
-    # Acquire: pairs with the producer's index store through the user's
-    # acquire of DIRTY / release of RESET (see kd_ring_push).
-    cdef uint32_t limit = kd_load_acquire_u32(&r.dirty_index) - ri
     cdef uint64_t offset
     cdef kvm_dirty_gfn *gfns = r.gfns
     cdef kvm_dirty_gfn *e
     # A local copy of the batcher stays in registers (entry stores cannot alias it).
     cdef kd_batcher b = bp[0]
-    if limit > r.size:
-        limit = r.size
-    while count < limit:
+    while count < max_count:
         e = &gfns[(ri + count) & m]
         # Acquire pairs with the user's store-release of RESET in collect
         # (bit 0 is ignored, as kvm_dirty_gfn_harvested does).

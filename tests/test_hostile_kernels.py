@@ -263,3 +263,272 @@ def test_harvest_gfns_out_of_memory_puts_every_taken_bit_back():
     p = _run_py(code)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     assert "MemoryError" in p.stdout
+
+
+# -- the ring: user space writes anything into the entries -------------------
+
+def test_forged_reset_flags_count_as_kvm_counts_them():
+    # /dev/kvm (Linux 6.18, measured with kvmdirty.kvm.KvmVM): RESET forged
+    # on 10 never-pushed entries -> reset counts 10; the vCPU then writes 100
+    # pages with no DIRTY_RING_FULL exit, and once they are collected the
+    # next reset counts 90 (it starts at entry 10).
+    r = DirtyRing(256)
+    r.gfns["flags"][0:10] = RESET
+    assert r.reset() == 10 and r.reset_index == 10 and r.dirty_index == 0
+    assert r.used == 0 and not r.soft_full
+    for i in range(100):
+        r.push(1, i)
+    assert r.used == 90
+    s, o = r.collect()
+    assert o.tolist() == list(range(100))
+    assert r.reset() == 90 and r.reset_index == 100 and r.used == 0
+    assert (r.gfns["flags"][:10] == RESET).all()   # left for the next lap, as in KVM
+    assert r.push(1, 100) is False
+
+
+def test_forged_reset_through_the_vm_matches_kvm_and_does_not_wedge():
+    import kvmdirty
+    from kvmdirty.vm import MEM_LOG_DIRTY_PAGES as LOG
+    vm = kvmdirty.VM()
+    vm.enable_dirty_ring(256)
+    vm.set_user_memory_region(0, 0, 1 << 20, LOG)
+    v = vm.create_vcpu(0)
+    v.dirty_ring.gfns["flags"][0:10] = RESET
+    assert vm.reset_dirty_rings() == 10
+    ex = v.run(np.arange(16, 116, dtype=np.uint64), 1)
+    assert ex.done and ex.writes == 100       # as /dev/kvm: no exit at all
+    resets, runs = 0, 0
+    while not ex.done:
+        assert ex.name == "DIRTY_RING_FULL"
+        runs += 1
+        assert runs < 1000, "the vCPU is wedged"
+        v.dirty_ring.collect()
+        resets += vm.reset_dirty_rings()
+        ex = v.run()
+    v.dirty_ring.collect()
+    resets += vm.reset_dirty_rings()
+    assert resets == 90
+
+
+def test_scribbled_payload_reaches_only_the_bounds_checked_sink():
+    from ring_model import ModelRing
+    npages = 4096
+    mmu, writable = make_mmu(slot_id=1, npages=npages)
+    rng = np.random.default_rng(7)
+    offsets = np.array([0, 1, 63, 64, 4031, 4095, 4096, 2**63, 2**64 - 1, 2**64 - 63], np.uint64)
+    for _ in range(100 if SANITIZER else 400):
+        r, m = DirtyRing(256), ModelRing(256)
+        g = r.gfns
+        n = int(rng.integers(0, 257))
+        g["flags"][:n] = RESET                  # forged: nothing was ever pushed
+        g["slot"][:] = rng.choice(np.array([1, 1, 1, 0, 2, 0xFFFFFFFF, 0x10001], np.uint32), 256)
+        g["offset"][:] = rng.choice(offsets, 256)
+        for k, e in enumerate(m.entries):
+            e.update(flags=int(g["flags"][k]), slot=int(g["slot"][k]), offset=int(g["offset"][k]))
+        expect = writable.copy()
+
+        def protect(slot, first, mask):         # kvm_reset_dirty_gfn's checks
+            if slot == 1 and first < npages and first + mask.bit_length() - 1 < npages:
+                for bit in range(64):
+                    if mask >> bit & 1:
+                        expect[(first + bit) >> 6] &= ~np.uint64(1 << ((first + bit) & 63))
+        assert r.reset(mmu) == m.reset(protect) == n
+        assert (writable == expect).all()
+        writable[:] = ~np.uint64(0)
+
+
+class _Flaky:
+    """A Python reset sink that raises on chosen calls and records what it protected."""
+
+    def __init__(self, fail_on, exc=RuntimeError):
+        self.calls = 0
+        self.fail_on = set(fail_on)
+        self.exc = exc
+        self.protected = []
+
+    def __call__(self, slot, first, mask):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise self.exc("sink failed")
+        self.protected.append((slot, first, mask))
+
+
+def _ring_with_batches(k):
+    r = DirtyRing(256)
+    for i in range(k):
+        r.push(i, 1000 * i)        # one batch per entry (different slots)
+    r.collect()
+    return r
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_reset_with_raising_sink_offers_every_batch_and_keeps_the_failed_ones(exc):
+    r = _ring_with_batches(5)
+    sink = _Flaky({2, 4}, exc)
+    with pytest.raises(exc) as ei:
+        r.reset(sink)
+    # Every batch was offered; the two the sink raised on are handed back.
+    assert sink.calls == 5
+    assert sink.protected == [(0, 0, 1), (2, 2000, 1), (4, 4000, 1)]
+    assert ei.value.unprotected_batches == [(1, 1000, 1), (3, 3000, 1)]
+    assert r.unprotected_batches == [(1, 1000, 1), (3, 3000, 1)]
+    assert r.reset_index == 5 and r.used == 0           # the entries are free (as in KVM)
+    # A reset without a sink protects nothing and keeps them ...
+    assert r.reset() == 0 and len(r.unprotected_batches) == 2
+    # ... the next one with a sink protects them first.
+    ok = _Flaky(())
+    assert r.reset(ok) == 0
+    assert ok.protected == [(1, 1000, 1), (3, 3000, 1)] and r.unprotected_batches == []
+
+
+def test_reset_left_unprotected_batches_reach_the_mmu_at_the_next_reset():
+    mmu, writable = make_mmu(slot_id=1, npages=4096)
+    r = DirtyRing(256)
+    r.push(1, 70)
+    r.push(1, 3000)
+    r.collect()
+    sink = _Flaky({1, 2}, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        r.reset(sink)
+    assert writable[1] == ALL and writable[3000 >> 6] == ALL    # not protected yet
+    assert r.reset(mmu) == 0
+    assert not (int(writable[1]) >> 6) & 1 and not (int(writable[3000 >> 6]) >> (3000 & 63)) & 1
+
+
+# -- concurrent collectors and resetters on one ring -------------------------
+
+def _race(fn, nthreads=4, rounds=200):
+    errors, results = [], []
+    barrier = threading.Barrier(nthreads)
+
+    def worker():
+        barrier.wait()
+        for _ in range(rounds):
+            try:
+                results.append(fn())
+            except RuntimeError as e:
+                assert "already" in str(e) or "in use" in str(e), e
+                errors.append(e)
+            except BaseException as e:          # pragma: no cover - reported
+                errors.append(e)
+                raise
+    ts = [threading.Thread(target=worker) for _ in range(nthreads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return results, errors
+
+
+def _producer(r, total, stop):
+    pushed = 0
+    while pushed < total and not stop.is_set():
+        k = r.push_many(np.full(min(64, total - pushed), 1, np.uint32),
+                        np.arange(pushed, pushed + min(64, total - pushed), dtype=np.uint64))
+        pushed += k
+
+
+@pytest.mark.parametrize("foreign", [False, True])
+def test_concurrent_collectors_are_refused_cleanly(foreign):
+    total = 20000 if SANITIZER else 100000
+    r = DirtyRing(4096)
+    stop = threading.Event()
+    p = threading.Thread(target=_producer, args=(r, total, stop))
+    p.start()
+    fetch = [0]
+    got = []
+
+    def collect_once():
+        if foreign:
+            # Each thread reads the shared fetch index: if two collected at
+            # once they would both report the same entries.
+            s, o, f = collect(r.gfns, fetch[0])
+            fetch[0] = f
+        else:
+            s, o = r.collect()
+        got.append(o.copy())
+        r.reset()
+        return len(o)
+
+    try:
+        results, errors = _race(collect_once, rounds=400 if SANITIZER else 2000)
+    finally:
+        stop.set()
+        p.join()
+    assert all(isinstance(e, RuntimeError) for e in errors)
+    seen = np.sort(np.concatenate(got)) if got else np.zeros(0, np.uint64)
+    # Two collectors at once would both report the entries they read before
+    # either stored RESET: no entry may be seen twice.
+    assert (np.diff(seen.astype(np.int64)) > 0).all(), "an entry was collected twice"
+    if not foreign:
+        # The ring's own fetch index: exactly a prefix of what was pushed.
+        assert (seen == np.arange(len(seen), dtype=np.uint64)).all()
+    assert errors, "the collectors never overlapped: the test did not race"
+
+
+def test_concurrent_resets_are_serialised_or_refused():
+    r = DirtyRing(4096)
+
+    def push_collect_reset():
+        try:
+            r.push_many(np.ones(100, np.uint32), np.arange(100, dtype=np.uint64))
+        except RuntimeError:
+            pass
+        try:
+            r.collect()
+        except RuntimeError:
+            pass
+        return r.reset()
+
+    results, errors = _race(push_collect_reset, rounds=300)
+    assert all(isinstance(e, RuntimeError) for e in errors)
+    r.collect()
+    total = sum(results) + r.reset()
+    assert total == r.stats["pushes"] == r.reset_index and r.used == 0
+    assert r.stats["resets"] == total
+
+
+def test_close_while_another_thread_collects_is_refused_or_after():
+    for _ in range(50):
+        r = DirtyRing(65536)
+        r.push_many(np.ones(65536, np.uint32), np.arange(65536, dtype=np.uint64))
+        t = threading.Thread(target=r.collect)
+        t.start()
+        try:
+            r.close()
+        except RuntimeError:
+            pass                                   # refused: the collect is running
+        t.join()
+
+
+def test_foreign_collect_holds_the_buffer_export():
+    code = """
+        import mmap, threading, numpy as np
+        from kvmdirty._ring import collect, ENTRY_DTYPE
+        N = 65536
+        refused = 0
+        for k in range(30):
+            mm = mmap.mmap(-1, N * 16)
+            a = np.frombuffer(mm, ENTRY_DTYPE)
+            a["flags"] = 1
+            del a
+            go = threading.Event()
+            def closer():
+                global refused
+                go.wait()
+                try:
+                    mm.close()
+                except BufferError:
+                    refused += 1
+            t = threading.Thread(target=closer)
+            t.start()
+            go.set()
+            try:
+                collect(mm, 0)
+            except ValueError:
+                pass                      # closed before the call began
+            t.join()
+        print("refused", refused)
+    """
+    p = _run_py(code)
+    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])

@@ -113,14 +113,17 @@ def test_reset_stops_at_first_entry_without_reset_and_ignores_dirty_bit():
     assert r.reset_index == 3 and list(g["flags"][:4]) == [0, 0, 0, DIRTY]
 
 
-def test_reset_ignores_reset_flags_forged_on_never_pushed_entries():
+def test_reset_walks_reset_flags_forged_on_never_pushed_entries_as_kvm_does():
     r = DirtyRing(128)
     r.push(1, 0)
     r.collect()
     r.gfns["flags"][1:10] = RESET          # user space forges harvested entries
-    assert r.reset() == 1 and r.reset_index == 1 and r.used == 0
-    assert r.push(1, 5) is False           # and push still works, at entry 1
-    assert r.gfns[1]["flags"] == DIRTY and r.gfns[1]["offset"] == 5
+    # KVM resets them too: reset_index runs 9 entries past dirty_index.
+    assert r.reset() == 10 and r.reset_index == 10 and r.dirty_index == 1
+    assert r.used == 0 and not r.soft_full  # as /dev/kvm: no soft-full exit
+    # The entries from dirty_index on were reset: KVM pushes there.
+    assert r.push(1, 5) is False
+    assert r.gfns[1]["flags"] == DIRTY and r.gfns[1]["offset"] == 5 and r.used == 0
 
 
 # -- reset coalescing: every branch of kvm_dirty_ring_reset -----------------

@@ -66,6 +66,15 @@ class RingMachine(RuleBasedStateMachine):
         self.ring.gfns["flags"][index] = flags
         self.model.entries[index]["flags"] = flags
 
+    @rule(k=st.integers(1, 300))
+    def forge_reset(self, k):
+        # User space marks the next k entries from reset_index harvested, pushed
+        # or not: reset must walk them as KVM does (reset_index may pass dirty_index).
+        for i in range(k):
+            idx = (self.model.reset_index + i) % self.ring.entries
+            self.ring.gfns["flags"][idx] = 2
+            self.model.entries[idx]["flags"] = 2
+
     @invariant()
     def same_state(self):
         r, m = self.ring, self.model
