@@ -532,3 +532,112 @@ def test_foreign_collect_holds_the_buffer_export():
     """
     p = _run_py(code)
     assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+
+
+# -- interrupts and writers racing an error path ------------------------------
+
+def test_ctrl_c_from_another_thread_inside_the_sink_puts_the_bits_back():
+    import _thread
+    w = _pattern(500, seed=3)
+    before = w.copy()
+    calls = [0]
+
+    def sink(word, mask):
+        calls[0] += 1
+        if calls[0] == 3:
+            t = threading.Thread(target=_thread.interrupt_main)
+            t.start()
+            t.join()                 # the signal is pending: it fires in this frame
+        for _ in range(1000):        # give the eval loop its chance
+            pass
+
+    with pytest.raises(KeyboardInterrupt) as ei:
+        _bitmap.harvest_gfns(w, sink)
+    assert "sink" in [e.name for e in ei.traceback]      # it fired inside the sink
+    assert (w == before).all()
+
+
+@pytest.mark.parametrize("fn", ["harvest", "harvest_gfns", "clear_masked"])
+def test_error_path_keeps_bits_a_vcpu_sets_meanwhile(fn):
+    n = 4096
+    w = _pattern(n, seed=5)
+    before = w.copy()
+    stop = threading.Event()
+    set_by_writer = np.zeros(n, np.uint64)
+    rng = np.random.default_rng(9)
+    nrs = rng.integers(0, n * 64, 200_000, dtype=np.uint64)
+
+    def writer():
+        for chunk in np.array_split(nrs, 400):
+            if stop.is_set():
+                break
+            _bitmap.set_bits(w, chunk)
+            _bitmap.set_bits(set_by_writer, chunk)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    sink, calls = _raising_sink(300, Boom)
+    try:
+        with pytest.raises(Boom):
+            _BITMAP_CALLS[fn](w, sink)
+    finally:
+        stop.set()
+        t.join()
+    # Nothing was consumed: every bit from before, and every bit the writer set.
+    assert (w == (before | set_by_writer)).all()
+
+
+# -- bad buffers: a clear exception, before any C loop ------------------------
+
+def _bad_words():
+    ro = np.zeros(8, np.uint64)
+    ro.flags.writeable = False
+    raw = np.zeros(8 * 8 + 8, np.uint8)
+    misaligned = raw[1:1 + 64].view(np.uint64)
+    released = memoryview(np.zeros(8, np.uint64))
+    released.release()
+    return {"readonly": ro, "misaligned": misaligned, "released": released,
+            "bytes": bytes(64), "int32": np.zeros(16, np.int32), "strided": np.zeros(16, np.uint64)[::2],
+            "2d": np.zeros((2, 4), np.uint64), "list": [0] * 8, "none": None}
+
+
+@pytest.mark.parametrize("kind", sorted(_bad_words()))
+@pytest.mark.parametrize("fn", ["harvest", "clear_masked", "harvest_gfns", "popcount", "to_gfns", "set_bits"])
+def test_bad_words_buffers_raise_cleanly(fn, kind):
+    bad = _bad_words()[kind]
+    good = np.zeros(8, np.uint64)
+    calls = {
+        "harvest": lambda: _bitmap.harvest(bad, good),
+        "clear_masked": lambda: _bitmap.clear_masked(bad, np.zeros(8, np.uint64)),
+        "harvest_gfns": lambda: _bitmap.harvest_gfns(bad),
+        "popcount": lambda: _bitmap.popcount(bad),
+        "to_gfns": lambda: _bitmap.to_gfns(bad),
+        "set_bits": lambda: _bitmap.set_bits(bad, np.zeros(1, np.uint64)),
+    }
+    if kind == "readonly" and fn in ("popcount", "to_gfns"):
+        calls[fn]()                       # read-only use: accepted
+        return
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        calls[fn]()
+
+
+@pytest.mark.parametrize("kind", ["readonly", "misaligned", "released", "bytes", "int32", "short"])
+def test_bad_sink_buffers_raise_before_any_bit_is_taken(kind):
+    w = _pattern(8)
+    before = w.copy()
+    bad = _bad_words().get(kind, np.zeros(2, np.uint64))
+    for call in (lambda: _bitmap.harvest(w, np.zeros(8, np.uint64), bad),
+                 lambda: _bitmap.harvest_gfns(w, bad),
+                 lambda: _bitmap.clear_masked(w, np.full(8, ALL, np.uint64), 0, None, bad)):
+        with pytest.raises((TypeError, ValueError)):
+            call()
+        assert (w == before).all()
+
+
+def test_aliased_buffers_do_not_crash():
+    w = _pattern(64)
+    _bitmap.harvest(w, w)                  # snapshot is the bitmap itself
+    w2 = _pattern(64)
+    _bitmap.harvest(w2, np.zeros(64, np.uint64), w2)    # and the sink
+    w3 = _pattern(64)
+    _bitmap.clear_masked(w3, w3, 0, w3, w3)
