@@ -282,6 +282,31 @@ def popcount(const uint64_t[::1] words not None):
     return total
 
 
+cdef void _copy_live(const uint64_t *w, uint64_t *out, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        # Relaxed: vCPUs may be setting bits (fetch-or); a bit set after this
+        # read is simply not in the copy.  A plain memcpy would be a data race.
+        out[i] = kd_load_relaxed_u64(&w[i])
+
+
+def copy_live(const uint64_t[::1] words not None):
+    """A copy of bitmap words that vCPUs may be writing (each read with a relaxed atomic load).
+
+    For reading a live bitmap without taking bits (e.g. KVM_GET_DIRTY_LOG with
+    manual protect): numpy's copy would race the vCPUs' atomic fetch-or.
+    """
+    cdef size_t n = words.shape[0]
+    cdef uint64_t[::1] ov
+    _check_aligned(words, "words")
+    out = np.empty(n, np.uint64)
+    if n:
+        ov = out
+        with nogil:
+            _copy_live(&words[0], &ov[0], n)
+    return out
+
+
 cdef struct GfnBuf:
     uint64_t *p
     size_t n, cap

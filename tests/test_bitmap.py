@@ -151,3 +151,13 @@ def test_large_sparse_bitmap_round_trip(ndirty, seed):
     pages = np.unique(rng.integers(0, 1 << 20, ndirty, dtype=np.uint64))
     bm.set_many(pages)
     assert (b.to_gfns(bm.harvest()) == pages).all()
+
+
+def test_copy_live_copies_exactly_and_rejects_misaligned():
+    w = np.random.default_rng(1).integers(0, 2**63, 1000, dtype=np.uint64)
+    c = b.copy_live(w)
+    assert (c == w).all() and c.ctypes.data != w.ctypes.data
+    assert b.copy_live(np.zeros(0, np.uint64)).size == 0
+    raw = np.zeros(8 * 9, np.uint8)
+    with pytest.raises(ValueError):
+        b.copy_live(raw[1:65].view(np.uint64))
