@@ -467,7 +467,7 @@ class VM:
         with self._slots_lock.read():
             s = self._logged_slot(slot, ioctl)
             if self.manual_protect:
-                return s.dirty[: s.nwords].copy()
+                return _bitmap.copy_live(s.dirty[: s.nwords])
             snap = np.zeros(s.nwords, np.uint64)
             if s.nwords == 0:
                 return snap
