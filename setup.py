@@ -3,6 +3,7 @@
 Project-wide Cython directives live here and only here.
   KVMDIRTY_DEBUG=1     bounds/wraparound/initialized checks on, -O0 -g
   KVMDIRTY_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer
+  KVMDIRTY_TSAN=1      ThreadSanitizer (run with libtsan preloaded: .ci/tsan.sh)
 """
 import glob
 import os
@@ -12,6 +13,9 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("KVMDIRTY_DEBUG") == "1"
 SANITIZE = os.environ.get("KVMDIRTY_SANITIZE") == "1"
+TSAN = os.environ.get("KVMDIRTY_TSAN") == "1"
+if SANITIZE and TSAN:
+    raise SystemExit("KVMDIRTY_SANITIZE and KVMDIRTY_TSAN cannot be combined (ASan and TSan exclude each other)")
 
 DIRECTIVES = {
     "language_level": 3,
@@ -29,6 +33,11 @@ if SANITIZE:
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
     cflags += san + ["-g"]
     ldflags += san
+if TSAN:
+    # -O1: TSan's reports keep their line numbers; atomics are instrumented as such.
+    tsan = ["-fsanitize=thread", "-fno-omit-frame-pointer"]
+    cflags += tsan + ["-g", "-O1"]
+    ldflags += tsan
 
 
 def extension(pyx: str) -> Extension:

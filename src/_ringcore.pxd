@@ -96,19 +96,24 @@ cdef inline bint kd_ring_full(kd_ring *r) noexcept nogil:
     return kd_ring_used(r) >= r.size
 
 
+cdef inline void kd_gfn_publish_early(kvm_dirty_gfn *e, uint32_t slot, uint64_t offset) noexcept nogil:
+    """BUG on purpose (fault injection): DIRTY is visible before the payload; a
+    collector may read the previous lap's slot/offset.  A function of its own
+    so that .ci/tsan.supp can name this deliberate race and nothing else."""
+    cdef int k
+    kd_store_release_u32(&e.flags, KVM_DIRTY_GFN_F_DIRTY)
+    # Keep the compiler from moving the payload stores back above the flag.
+    kd_compiler_barrier()
+    for k in range(KD_PUBLISH_EARLY_SPIN):
+        kd_cpu_relax()
+    e.slot = slot
+    e.offset = offset
+
+
 cdef inline void kd_gfn_publish(kvm_dirty_gfn *e, uint32_t slot, uint64_t offset,
                                 uint32_t faults) noexcept nogil:
-    cdef int k
     if faults & KD_RING_F_PUBLISH_EARLY:
-        # BUG on purpose: DIRTY is visible before the payload; a collector may
-        # read the previous lap's slot/offset.
-        kd_store_release_u32(&e.flags, KVM_DIRTY_GFN_F_DIRTY)
-        # Keep the compiler from moving the payload stores back above the flag.
-        kd_compiler_barrier()
-        for k in range(KD_PUBLISH_EARLY_SPIN):
-            kd_cpu_relax()
-        e.slot = slot
-        e.offset = offset
+        kd_gfn_publish_early(e, slot, offset)
         return
     e.slot = slot
     e.offset = offset
