@@ -341,6 +341,7 @@ cdef class DirtyRing:
         cdef uint32_t[::1] vs
         cdef uint64_t[::1] vo
         cdef size_t cap = self.r.size, n
+        cdef bint relaxed
         if (out_slots is None) != (out_offsets is None):
             raise ValueError("give both out_slots and out_offsets, or neither")
         if out_slots is not None:
@@ -357,9 +358,11 @@ cdef class DirtyRing:
                 return a_s[:0], a_o[:0]
             vs, vo = a_s, a_o
             claim = _claim(<uintptr_t>self.r.gfns, self.r.size * sizeof(kvm_dirty_gfn))
+            # Read under the GIL: another thread may flip the knob meanwhile.
+            relaxed = self._relaxed_collect
             try:
                 with nogil:
-                    if self._relaxed_collect:
+                    if relaxed:
                         n = kd_ring_collect_relaxed(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
                     else:
                         n = kd_ring_collect(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
