@@ -532,13 +532,14 @@ cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
          writable and logged since its last harvest.
       2. W bit set (relaxed load: a stale 1 is only a stale TLB-like view, and
          the harvester's and-not + flush handshake covers it): fill the TLB.
-      3. W bit clear, a write-protect fault: fetch-or the W bit FIRST, then log
-         (ring push / bitmap fetch-or).  A harvest between the two finds the
-         page not yet logged but writable: its protect (and-not) clears W
-         again and the write below is logged by the next harvest because we
-         log it now, after the protect — never a writable page that is clean.
-         The other order loses writes (log, harvest takes the bit and
-         protects, then we set W: writable and clean).
+      3. W bit clear, a write-protect fault: set the W bit (fetch-or) FIRST,
+         then log the page (ring push / bitmap fetch-or, both publishing with
+         release; they pair with the harvester's acquire / xchg).  A harvest
+         between the two does not see the page dirty and leaves W alone; our
+         log then marks it, so the next harvest reports and re-protects it.
+         The other order loses writes: log, a harvest takes the bit and
+         protects the page, then we set W: writable and clean, and every
+         later write to it goes unlogged.
       4. Store the value (relaxed: readers only need the value itself; user
          space reads pages after a harvest that flushed us, step 4 of
          _flush_remote_tlbs, which orders our stores before its return).
@@ -780,6 +781,7 @@ cdef class Mmu:
     cdef kd_sink sink
     cdef dict _keep            # sid -> (writable, values, dirty): the buffers behind the C slots
     cdef dict _slots           # sid -> the caller's slot object
+    cdef list _retired         # dirty bitmaps replaced by set_dirty, kept until a flush proves them unused
     cdef list _vcpus
     cdef object _tracker
     cdef SlotLock _lock
@@ -798,6 +800,7 @@ cdef class Mmu:
         self.sink.ctx = self.m
         self._keep = {}
         self._slots = {}
+        self._retired = []
         self._vcpus = []
         self._lock = SlotLock(self, _TOKEN)
         _live_mmus.add(self)
@@ -1032,7 +1035,12 @@ cdef class Mmu:
             if <size_t>d.shape[0] < ((s.npages + 63) >> 6):
                 raise ValueError("dirty bitmap too small")
             p = &d[0]
+        old = self._keep[sid][2]
         entry = self._keep[sid][:2] + (dirty,)
+        if old is not None:
+            # A vCPU in guest mode may still write through the old pointer:
+            # keep the buffer alive until a completed remote flush (below).
+            self._retired.append(old)
         # Release pairs with _mark_dirty's load-acquire of the pointer.
         kd_store_release_ptr(<void **>&s.dirty, p)
         self._keep[sid] = entry
@@ -1228,10 +1236,15 @@ cdef class Mmu:
 
     def flush_remote_tlbs(self):
         """kvm_flush_remote_tlbs (the caller holds the slots lock)."""
+        cdef size_t retired = len(self._retired)
         if self.m.forked:
             raise _vm_error(errno.EIO, "flush", "the VM belongs to the parent process")
         with nogil:
             _flush_remote_tlbs(self.m)
+        if not (self.m.faults & (F_SKIP_FLUSH | F_NO_FLUSH_WAIT)):
+            # Every vCPU in guest mode passed a request check since the flush
+            # began, i.e. finished any write that loaded a pointer retired before it.
+            del self._retired[:retired]
 
     property log_every_write:
         def __get__(self):
