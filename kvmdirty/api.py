@@ -36,15 +36,9 @@ EXIT_NAMES = {
 
 
 def as_plan(gfns) -> np.ndarray:
-    """A write plan as a contiguous uint64 array of guest frame numbers (validated)."""
-    a = np.asarray(gfns)
-    if a.ndim != 1:
-        raise ValueError(f"gfns must be one-dimensional, got shape {a.shape}")
-    if a.size and a.dtype.kind not in "ui":
-        raise TypeError(f"gfns must be integers, got dtype {a.dtype}")
-    if a.dtype.kind == "i" and a.size and int(a.min()) < 0:
-        raise ValueError("gfns must be non-negative")
-    return np.ascontiguousarray(a, dtype=np.uint64)
+    """A write plan as a contiguous uint64 array of guest frame numbers (kvmdirty.validate.plan)."""
+    from .validate import plan
+    return plan(gfns)
 
 
 @dataclass(frozen=True)

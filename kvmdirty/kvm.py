@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import _kvm, _uapi, guest
+from . import _kvm, _uapi, guest, validate
 from .api import EXIT_BUDGET, EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit, as_plan
 from .errors import KvmError
 
@@ -39,9 +39,7 @@ def _int(v: Any, what: str, bits: int = 64) -> int:
 
 
 def _budget(max_writes: Any) -> int:
-    if isinstance(max_writes, bool) or not isinstance(max_writes, (int, np.integer)) or max_writes < 1:
-        raise ValueError("max_writes must be a positive int")
-    return int(max_writes)
+    return validate.budget(max_writes)      # the shared validator: same errors as the simulator
 
 
 class _Slot:

@@ -31,7 +31,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, Protocol, Tup
 
 import numpy as np
 
-from . import _bitmap, _mmu, _seeds
+from . import _bitmap, _mmu, _seeds, validate
 from ._ring import DirtyRing
 from .api import EXIT_DIRTY_LOG_FULL
 from .errors import KvmError
@@ -225,6 +225,7 @@ class _BitmapDesign:
         self._npages.pop(sid, None)
 
     def _check(self, slot: int) -> None:
+        validate.u32(slot, "slot")          # bool / float slots are refused, as by every ioctl
         if slot not in self._active:
             raise KvmError(errno.ENOENT, "KVM_SWITCH_DIRTY_LOG", f"slot {slot:#x} is not logging")
 

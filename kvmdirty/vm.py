@@ -3,25 +3,37 @@
 Each method is one KVM ioctl with the kernel's rules and errno precedence
 (see KVM_SEMANTICS.md); the work is done by the compiled core: kvmdirty._mmu
 (page tables, guest write loop, TLB flush), kvmdirty._bitmap (harvest/clear
-kernels) and kvmdirty._ring (dirty rings).  Every check runs before any state
-changes, so a failed call leaves the VM as it was.
+kernels) and kvmdirty._ring (dirty rings).
+
+Failure and concurrency rules (DESIGN.md "Errors"):
+- Arguments go through kvmdirty.validate first; then every check that
+  depends on VM state runs under the lock KVM takes for it (``_kvm_lock``
+  = kvm->lock: vCPU creation, ring enabling; ``_slots_mutex`` =
+  kvm->slots_lock: memslot changes, dirty-log ioctls, ring resets), and the
+  change itself is ONE compiled call (Mmu.set_slot / delete_slot /
+  add_vcpu / VcpuCore.run) that allocates first and then swaps.  So a
+  MemoryError, a concurrent caller or a KeyboardInterrupt arriving between
+  any two Python lines leaves the VM as it was or fully changed.
+- After fork() the child's copy of a VM answers every call with EIO, as
+  KVM does for a VM used from another mm; close() works and never waits.
 """
 from __future__ import annotations
 
 import errno
 import os
 import threading
+import types
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
-from . import _bitmap, _mmu, _uapi
-from .api import PAGE_SHIFT, PAGE_SIZE, Exit, as_plan
+from . import _bitmap, _mmu, _uapi, validate
+from .api import PAGE_SHIFT, PAGE_SIZE, Exit
 from .errors import KvmError
 from .limits import (ADDRESS_SPACES, DIRTY_GFN_SIZE, DIRTY_RING_MAX_ENTRIES,
                      DIRTY_RING_RSVD_ENTRIES, MAX_VCPU_IDS, MAX_VCPUS, MEM_MAX_NR_PAGES,
-                     PML_LOG_SIZE, USER_MEM_SLOTS, split_slot, u64)
+                     PML_LOG_SIZE, USER_MEM_SLOTS)
 from .slotlock import SlotLock
 
 MEM_LOG_DIRTY_PAGES = _uapi.MEM_LOG_DIRTY_PAGES
@@ -40,9 +52,9 @@ FAULTS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemSlot:
-    """One memslot: KVM's struct kvm_memory_slot, plus the memory we model."""
+    """One memslot: KVM's struct kvm_memory_slot, plus the memory we model (read-only record)."""
 
     slot: int                      # (address space << 16) | id
     base_gfn: int
@@ -65,31 +77,14 @@ class MemSlot:
                 self.writable, self.values, self.dirty)
 
 
-
-
-def _values(value, n: int):
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return u64(int(value), "value")
-    a = np.asarray(value)
-    if a.ndim != 1 or a.shape[0] != n:
-        raise ValueError(f"value must be an int or a 1-D array of {n} values")
-    if a.size and a.dtype.kind not in "ui":
-        raise TypeError(f"values must be integers, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.uint64)
-
-
 class Vcpu:
     """A simulated vCPU: runs write plans (guest programs) in the write loop."""
 
-    def __init__(self, vm: "VM", vcpu_id: int, core) -> None:
+    def __init__(self, vm: "VM", vcpu_id: int, core, ring=None) -> None:
         self.vm = vm
         self.id = vcpu_id
         self.core = core
-        self._ring = None
-        self._gfns: Optional[np.ndarray] = None
-        self._vals = 0
-        self._pos = 0
-        self._lock = threading.Lock()
+        self._ring = ring
 
     @property
     def dirty_ring(self):
@@ -98,7 +93,8 @@ class Vcpu:
 
     @property
     def remaining(self) -> int:
-        return 0 if self._gfns is None else len(self._gfns) - self._pos
+        """Writes of the current plan not done yet (kept by the core, exact even after an interrupt)."""
+        return self.core.remaining
 
     def run(self, gfns=None, value=None, *, max_writes: Optional[int] = None) -> Exit:
         """KVM_RUN: execute a write plan (or resume the current one).
@@ -107,31 +103,19 @@ class Vcpu:
         write (one int, or one per write).  ``max_writes`` bounds this call
         (deterministic schedules); the exit is then EXIT_BUDGET.  A run that
         stops early (DIRTY_RING_FULL, budget) resumes with ``run()``.
+        Every argument is checked before the new plan is installed.
         """
         self.vm._check_open("KVM_RUN")
+        budget = validate.budget(max_writes)
         if gfns is not None:
-            plan = as_plan(gfns)
-            vals = _values(0 if value is None else value, len(plan))
+            plan = validate.plan(gfns)
+            vals = validate.values(0 if value is None else value, len(plan))
         elif value is not None:
             raise ValueError("value given without gfns")
-        budget = 0
-        if max_writes is not None:
-            if not isinstance(max_writes, (int, np.integer)) or max_writes < 1:
-                raise ValueError("max_writes must be a positive int")
-            budget = int(max_writes)
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError(f"vCPU {self.id} is already running in another thread")
-        try:
-            if gfns is not None:
-                self._gfns, self._vals, self._pos = plan, vals, 0
-            if self._gfns is None:
-                self._gfns, self._vals, self._pos = np.zeros(0, np.uint64), 0, 0
-            with self.vm._slots_lock.read():
-                reason, done = self.core.run(self._gfns, self._vals, self._pos, budget)
-            self._pos += done
-            return Exit(reason, done, len(self._gfns) - self._pos)
-        finally:
-            self._lock.release()
+        else:
+            plan = vals = None
+        reason, done, remaining = self.core.run(plan, vals, budget)
+        return Exit(reason, done, remaining)
 
     @property
     def stats(self) -> dict:
@@ -168,9 +152,9 @@ class VM:
         for name, v, lo, hi in (("address_spaces", address_spaces, 1, 2),
                                 ("max_vcpus", max_vcpus, 1, 1 << 16),
                                 ("max_vcpu_ids", max_vcpu_ids, 1, 1 << 20)):
-            if not isinstance(v, int) or not lo <= v <= hi:
-                raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
-        self.address_spaces, self.max_vcpus, self.max_vcpu_ids = address_spaces, max_vcpus, max_vcpu_ids
+            v = validate.count(v, name, minimum=lo, maximum=hi)
+        self.address_spaces, self.max_vcpus, self.max_vcpu_ids = \
+            int(address_spaces), int(max_vcpus), int(max_vcpu_ids)
         if protect not in ("exact", "range"):
             raise ValueError(f"protect must be 'exact' or 'range', got {protect!r}")
         bits = 0
@@ -184,13 +168,12 @@ class VM:
         self.mmu.faults = bits
         self.faults = frozenset(faults)
         self.cpu_dirty_log_size = PML_LOG_SIZE if pml else 0
-        self.slots: Dict[int, MemSlot] = {}
-        self.vcpus: Dict[int, Vcpu] = {}
+        self._vcpus: dict = {}
         self.dirty_ring_size = 0          # bytes, 0 = no ring
         self.dirty_ring_acq_rel = False
         self.manual_protect = 0           # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags
-        self._slots_lock = SlotLock()
-        self._closed = False
+        self._kvm_lock = threading.Lock()       # kvm->lock
+        self._slots_mutex = threading.Lock()    # kvm->slots_lock (not the SRCU-like SlotLock)
         self.design_name = design
         self.design = None
         if design != "kvm":
@@ -201,24 +184,40 @@ class VM:
 
     # -- lifetime -------------------------------------------------------
     def _check_open(self, ioctl: str) -> None:
-        if self._closed:
+        if self.mmu.forked:
+            raise KvmError(errno.EIO, ioctl, "the VM belongs to the parent process (fork)")
+        if self.mmu.closed:
             raise KvmError(errno.EBADF, ioctl, "the VM is closed")
 
     def close(self) -> None:
-        """Destroy the VM; later calls fail with EBADF.  Views handed out stay valid."""
-        if self._closed:
-            return
-        with self._slots_lock.write():
-            self._closed = True
+        """Destroy the VM; later calls fail with EBADF.  Views handed out stay valid.
+
+        Waits for running vCPUs and harvests to leave (never in a forked child).
+        """
+        self.mmu.close()
+
+    @property
+    def slots(self) -> Mapping[int, MemSlot]:
+        """The memslots by (address space << 16) | id (read-only)."""
+        return types.MappingProxyType(self.mmu.slots)
+
+    @property
+    def vcpus(self) -> Mapping[int, Vcpu]:
+        """The vCPUs by id (read-only)."""
+        return types.MappingProxyType(self._vcpus)
 
     @property
     def slots_lock(self) -> SlotLock:
         """Readers (runs, harvests) vs writers (memslot / vCPU changes); see slotlock.py."""
-        return self._slots_lock
+        return self.mmu.slots_lock
+
+    @property
+    def _slots_lock(self) -> SlotLock:
+        return self.mmu.slots_lock
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.mmu.closed
 
     def __enter__(self) -> "VM":
         return self
@@ -230,7 +229,7 @@ class VM:
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd: 0 = unsupported, else a cap-specific value."""
         self._check_open("KVM_CHECK_EXTENSION")
-        cap = u64(cap, "cap")
+        cap = validate.u64(cap, "cap")
         if cap in RING_CAPS:
             return DIRTY_RING_MAX_ENTRIES * DIRTY_GFN_SIZE
         return {
@@ -244,13 +243,14 @@ class VM:
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP: the dirty-ring caps (args[0] = bytes) and MANUAL_DIRTY_LOG_PROTECT2."""
         self._check_open("KVM_ENABLE_CAP")
-        cap = u64(cap, "cap")
+        cap = validate.u64(cap, "cap")
         if len(args) > 4:
             raise ValueError("kvm_enable_cap has 4 args")
-        argv = [u64(a, "arg") for a in args] + [0] * (4 - len(args))
-        flags = u64(flags, "flags")
+        argv = [validate.u64(a, "arg") for a in args] + [0] * (4 - len(args))
+        flags = validate.u32(flags, "flags")
         if cap in RING_CAPS:
-            self._enable_ring(cap, argv[0])
+            # kvm_vm_ioctl_enable_dirty_log_ring(struct kvm *, u32 size): args[0] is truncated.
+            self._enable_ring(cap, argv[0] & validate.U32_MAX)
         elif cap == _uapi.CAP_MANUAL_DIRTY_LOG_PROTECT2:
             allowed = MANUAL_CAPS if argv[0] & MANUAL_PROTECT_ENABLE else MANUAL_PROTECT_ENABLE
             if flags or argv[0] & ~allowed:
@@ -268,26 +268,24 @@ class VM:
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", f"ring size {size} below the reserve or a page")
         if size > DIRTY_RING_MAX_ENTRIES * DIRTY_GFN_SIZE:
             raise KvmError(errno.E2BIG, "KVM_ENABLE_CAP", f"ring size {size} above 1 MiB")
-        if self.dirty_ring_size:
-            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "the dirty ring is already enabled")
-        if self.vcpus:
-            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "vCPUs already exist")
         if self.design is not None:
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP",
                            f"design {self.design_name!r} has its own dirty log")
-        self.dirty_ring_size = size
-        self.dirty_ring_acq_rel = cap == _uapi.CAP_DIRTY_LOG_RING_ACQ_REL
-        with self._slots_lock.write():
-            # Ring-only VMs keep no bitmaps (kvm_use_dirty_bitmap() is false).
-            for s in self.slots.values():
-                s.dirty = None
-            self._install_slots()
+        with self._kvm_lock:
+            # Checked and set under kvm->lock, so no vCPU is created meanwhile.
+            if self.dirty_ring_size:
+                raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "the dirty ring is already enabled")
+            if self._vcpus:
+                raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "vCPUs already exist")
+            # One step.  Slots created from now on get no bitmap (kvm_use_dirty_bitmap()
+            # is false); vCPU writes go to the rings (mark_page_dirty_in_slot).
+            self.dirty_ring_size, self.dirty_ring_acq_rel = size, cap == _uapi.CAP_DIRTY_LOG_RING_ACQ_REL
 
     def enable_dirty_ring(self, entries: int, *, acq_rel: bool = True) -> None:
         """Enable per-vCPU dirty rings of ``entries`` entries (KVM_CAP_DIRTY_LOG_RING[_ACQ_REL])."""
-        entries = u64(entries, "entries")
+        entries = validate.u64(entries, "entries")
         cap = _uapi.CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else _uapi.CAP_DIRTY_LOG_RING
-        self.enable_cap(cap, min(entries * DIRTY_GFN_SIZE, (1 << 64) - 1))
+        self.enable_cap(cap, min(entries * DIRTY_GFN_SIZE, validate.U64_MAX))
 
     def enable_manual_protect(self, initially_set: bool = False) -> None:
         """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with ENABLE (and INITIALLY_SET)."""
@@ -309,14 +307,10 @@ class VM:
         """
         ioctl = "KVM_SET_USER_MEMORY_REGION"
         self._check_open(ioctl)
-        slot = u64(slot, "slot")
-        gpa = u64(guest_phys_addr, "guest_phys_addr")
-        size = u64(memory_size, "memory_size")
-        flags = u64(flags, "flags")
-        if slot > 0xFFFFFFFF:
-            raise ValueError(f"slot {slot} does not fit in a u32")
-        if flags > 0xFFFFFFFF:
-            raise ValueError(f"flags {flags:#x} do not fit in a u32")
+        slot = validate.u32(slot, "slot")
+        gpa = validate.u64(guest_phys_addr, "guest_phys_addr")
+        size = validate.u64(memory_size, "memory_size")
+        flags = validate.u32(flags, "flags")
         # kvm_vm_ioctl_set_memory_region, then __kvm_set_memory_region, in order.
         if (slot & 0xFFFF) >= USER_MEM_SLOTS:
             raise KvmError(errno.EINVAL, ioctl, f"slot id {slot & 0xFFFF} >= {USER_MEM_SLOTS}")
@@ -333,73 +327,65 @@ class VM:
         npages = size >> PAGE_SHIFT
         if npages > MEM_MAX_NR_PAGES:
             raise KvmError(errno.EINVAL, ioctl, f"{npages} pages is more than a slot may have")
-        old = self.slots.get(slot)
         base = gpa >> PAGE_SHIFT
-        if size == 0:
-            if old is None:
-                raise KvmError(errno.EINVAL, ioctl, f"slot {slot:#x} does not exist")
-            with self._slots_lock.write():
-                del self.slots[slot]
-                self._install_slots()
-            return
-        if old is not None:
-            if npages != old.npages or (flags ^ old.flags) & _uapi.MEM_READONLY:
-                raise KvmError(errno.EINVAL, ioctl, "an existing slot can only move or change flags")
-            if base == old.base_gfn and flags == old.flags:
+        with self._slots_mutex:
+            # kvm->slots_lock: the checks below and the change are one critical section.
+            old = self.mmu.slots.get(slot)
+            if size == 0:
+                if old is None:
+                    raise KvmError(errno.EINVAL, ioctl, f"slot {slot:#x} does not exist")
+                self._commit(lambda: self.mmu.delete_slot(slot))
                 return
-        if (old is None or base != old.base_gfn) and self._overlaps(slot, base, npages):
-            raise KvmError(errno.EEXIST, ioctl, "the range overlaps another slot")
-        with self._slots_lock.write():
+            if old is not None:
+                if npages != old.npages or (flags ^ old.flags) & _uapi.MEM_READONLY:
+                    raise KvmError(errno.EINVAL, ioctl, "an existing slot can only move or change flags")
+                if base == old.base_gfn and flags == old.flags:
+                    return
+            moved = old is not None and base != old.base_gfn
+            if (old is None or moved) and self.mmu.overlaps(slot, base, npages):
+                raise KvmError(errno.EEXIST, ioctl, "the range overlaps another slot")
             if old is None:
-                new = MemSlot(slot, base, npages, flags,
-                              np.zeros(max(1, (npages + 63) >> 6), np.uint64),
-                              np.zeros(max(1, npages), np.uint64), None)
+                writable = np.zeros(max(1, (npages + 63) >> 6), np.uint64)
+                values = np.zeros(max(1, npages), np.uint64)
             else:
-                new = MemSlot(slot, base, npages, flags, old.writable, old.values, old.dirty)
-                if base != old.base_gfn:
-                    new.writable[:] = 0     # MOVE zaps the old SPTEs
-            self._prepare_dirty_log(new, old)
-            self.slots[slot] = new
-            self._install_slots()
-            if new.logging and not (old is not None and old.logging) and not self._initially_set():
-                # kvm_mmu_slot_apply_flags: logging on write-protects the slot.
-                self.mmu.write_protect_slot(slot)
+                writable, values = old.writable, old.values
+            logging = bool(flags & MEM_LOG_DIRTY_PAGES)
+            new = MemSlot(slot, base, npages, flags, writable, values,
+                          self._dirty_log_for(npages, logging, old))
+            # kvm_mmu_slot_apply_flags: logging turned on write-protects the slot
+            # (not with INITIALLY_SET: every bit starts set, nothing is protected yet).
+            protect = logging and not (old is not None and old.logging) and not self._initially_set()
+            self._commit(lambda: self.mmu.set_slot(new, protect, moved))
+
+    def _commit(self, change) -> None:
+        # The compiled change, with the design told under the same write lock.
+        if self.design is None:
+            change()
+            return
+        with self.mmu.slots_lock.write():
+            change()
+            self.design.slots_changed()
 
     def _initially_set(self) -> bool:
         return self.manual_protect & MANUAL_CAPS == MANUAL_CAPS
 
-    def _prepare_dirty_log(self, new: MemSlot, old: Optional[MemSlot]) -> None:
+    def _dirty_log_for(self, npages: int, logging: bool, old: Optional[MemSlot]) -> Optional[np.ndarray]:
         # kvm_prepare_memory_region: keep, allocate or drop the dirty bitmap.
-        if not new.logging:
-            new.dirty = None
-        elif old is not None and old.dirty is not None:
-            new.dirty = old.dirty
-        elif self.uses_bitmap:
-            new.dirty = np.zeros(new.nwords, np.uint64)
-            if self._initially_set():
-                new.dirty[:] = ~np.uint64(0)
-                if new.npages & 63:
-                    new.dirty[-1] = np.uint64((1 << (new.npages & 63)) - 1)
-        else:
-            new.dirty = None
-
-    def _overlaps(self, slot: int, base: int, npages: int) -> bool:
-        for s in self.slots.values():
-            if s.slot != slot and s.slot >> 16 == slot >> 16 and \
-                    base < s.base_gfn + s.npages and s.base_gfn < base + npages:
-                return True
-        return False
-
-    def _install_slots(self) -> None:
-        # The simulated guest never runs in SMM: address space 1 slots are
-        # logged and harvested like any other, but no guest write reaches them.
-        rows = [s.row() for s in self.slots.values()]
-        self.mmu.set_slots(rows)
-        if self.design is not None:
-            self.design.slots_changed()
+        if not logging:
+            return None
+        if old is not None and old.dirty is not None:
+            return old.dirty
+        if not self.uses_bitmap:
+            return None
+        dirty = np.zeros((npages + 63) >> 6, np.uint64)
+        if self._initially_set():
+            dirty[:] = ~np.uint64(0)
+            if npages & 63:
+                dirty[-1] = np.uint64((1 << (npages & 63)) - 1)
+        return dirty
 
     def slot_info(self, slot: int) -> MemSlot:
-        s = self.slots.get(slot)
+        s = self.mmu.slots.get(slot)
         if s is None:
             raise KvmError(errno.ENOENT, "slot_info", f"slot {slot:#x} does not exist")
         return s
@@ -407,50 +393,47 @@ class VM:
     def memory(self, slot: int) -> np.ndarray:
         """Read-only view of the slot's guest memory: the u64 value of each page."""
         self._check_open("memory")
-        s = self.slot_info(slot)
+        s = self.slot_info(validate.u32(slot, "slot"))
         view = s.values[: s.npages].view()
         view.flags.writeable = False
         return view
 
     def gfn_of(self, slot: int, offset: int) -> int:
-        return self.slot_info(slot).base_gfn + offset
+        return self.slot_info(validate.u32(slot, "slot")).base_gfn + validate.u64(offset, "offset")
 
     # -- vCPUs ------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU."""
         ioctl = "KVM_CREATE_VCPU"
         self._check_open(ioctl)
-        vcpu_id = u64(vcpu_id, "vcpu_id")
-        if vcpu_id >= self.max_vcpu_ids:
-            raise KvmError(errno.EINVAL, ioctl, f"vcpu id {vcpu_id} >= {self.max_vcpu_ids}")
-        if len(self.vcpus) >= self.max_vcpus:
-            raise KvmError(errno.EINVAL, ioctl, "too many vCPUs")
-        if vcpu_id in self.vcpus:
-            raise KvmError(errno.EEXIST, ioctl, f"vcpu {vcpu_id} exists")
-        ring = None
-        if self.dirty_ring_size:
-            from ._ring import DirtyRing
-            ring = DirtyRing(self.dirty_ring_size // DIRTY_GFN_SIZE,
-                             cpu_dirty_log_size=self.cpu_dirty_log_size)
-        with self._slots_lock.write():
-            core = self.mmu.new_vcpu(vcpu_id)
-            vcpu = Vcpu(self, vcpu_id, core)
-            if ring is not None:
-                core.attach_ring(ring)
-                vcpu._ring = ring
-            self.vcpus[vcpu_id] = vcpu
-        if self.design is not None:
-            self.design.vcpu_created(vcpu_id)
+        vcpu_id = validate.u32(vcpu_id, "vcpu_id")
+        with self._kvm_lock:
+            # kvm->lock: the id and count checks, the ring decision and the creation are one step.
+            if vcpu_id >= self.max_vcpu_ids:
+                raise KvmError(errno.EINVAL, ioctl, f"vcpu id {vcpu_id} >= {self.max_vcpu_ids}")
+            if len(self._vcpus) >= self.max_vcpus:
+                raise KvmError(errno.EINVAL, ioctl, "too many vCPUs")
+            if vcpu_id in self._vcpus:
+                raise KvmError(errno.EEXIST, ioctl, f"vcpu {vcpu_id} exists")
+            ring = None
+            if self.dirty_ring_size:
+                from ._ring import DirtyRing
+                ring = DirtyRing(self.dirty_ring_size // DIRTY_GFN_SIZE,
+                                 cpu_dirty_log_size=self.cpu_dirty_log_size)
+            vcpu = self.mmu.add_vcpu(vcpu_id, ring, self._vcpus,
+                                     lambda core: Vcpu(self, vcpu_id, core, ring))
+            if self.design is not None:
+                self.design.vcpu_created(vcpu_id)
         return vcpu
 
     # -- the bitmap ioctls ----------------------------------------------
     def _logged_slot(self, slot: int, ioctl: str, first_page: Optional[int] = None) -> MemSlot:
         if not self.uses_bitmap or self.design is not None:
             raise KvmError(errno.ENXIO, ioctl, "this VM does not log into KVM's dirty bitmaps")
-        split_slot(slot, ioctl, self.address_spaces)
+        validate.split_slot(slot, ioctl, self.address_spaces)
         if first_page is not None and first_page & 63:
             raise KvmError(errno.EINVAL, ioctl, "first_page is not a multiple of 64")
-        s = self.slots.get(slot)
+        s = self.mmu.slots.get(slot)
         if s is None or s.dirty is None:
             raise KvmError(errno.ENOENT, ioctl, f"slot {slot:#x} does not exist or is not logging")
         return s
@@ -460,23 +443,33 @@ class VM:
 
         Without manual protect the bitmap is harvested: each dirty word is
         exchanged with 0, its pages write-protected, TLBs flushed if any.
-        With manual protect the live bitmap is copied unchanged.
+        With manual protect the live bitmap is copied unchanged.  If the call
+        fails after taking bits (an interrupt), they are put back.
         """
         ioctl = "KVM_GET_DIRTY_LOG"
         self._check_open(ioctl)
-        with self._slots_lock.read():
-            s = self._logged_slot(slot, ioctl)
-            if self.manual_protect:
-                return _bitmap.copy_live(s.dirty[: s.nwords])
-            snap = np.zeros(s.nwords, np.uint64)
-            if s.nwords == 0:
-                return snap
+        slot = validate.u32(slot, "slot")
+        with self._slots_mutex, self.mmu.slots_lock.read():
+            snap = self._get_dirty_log_locked(slot, ioctl)
+        return snap
+
+    def _get_dirty_log_locked(self, slot: int, ioctl: str) -> np.ndarray:
+        s = self._logged_slot(slot, ioctl)
+        if self.manual_protect:
+            return _bitmap.copy_live(s.dirty[: s.nwords])
+        snap = np.zeros(s.nwords, np.uint64)
+        try:
             if _mmu.FAULT_FLUSH_BEFORE_PROTECT & self.mmu.faults:
                 self.mmu.flush_remote_tlbs()
                 _bitmap.harvest(s.dirty, snap, self.mmu, zeroed=True, slot=slot)
             elif _bitmap.harvest(s.dirty, snap, self.mmu, zeroed=True, slot=slot):
                 self.mmu.flush_remote_tlbs()
-            return snap
+        except BaseException:
+            # Pages already protected stay logged: give their bits back, then flush.
+            self.mmu.merge_dirty(slot, snap)
+            self.mmu.flush_remote_tlbs()
+            raise
+        return snap
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap) -> int:
         """KVM_CLEAR_DIRTY_LOG: clear and re-protect the pages set in ``bitmap``.
@@ -487,49 +480,65 @@ class VM:
         """
         ioctl = "KVM_CLEAR_DIRTY_LOG"
         self._check_open(ioctl)
-        first_page = u64(first_page, "first_page")
-        num_pages = u64(num_pages, "num_pages")
-        if num_pages > 0xFFFFFFFF:
-            raise ValueError("num_pages does not fit in a u32")
-        words = np.asarray(bitmap)
-        if words.size and words.dtype.kind not in "ui":
-            raise TypeError(f"bitmap must hold uint64 words, got dtype {words.dtype}")
-        if words.ndim != 1:
-            raise ValueError("bitmap must be one-dimensional")
-        words = np.ascontiguousarray(words, dtype=np.uint64)
-        with self._slots_lock.read():
-            s = self._logged_slot(slot, ioctl, first_page)
-            rest = s.npages - first_page
-            if first_page > s.npages or num_pages > rest or (num_pages < rest and num_pages & 63):
-                raise KvmError(errno.EINVAL, ioctl, "the range is not inside the slot")
-            n = (num_pages + 63) >> 6
-            if len(words) < n:
-                raise KvmError(errno.EFAULT, ioctl, f"bitmap has {len(words)} words, {n} needed")
-            if n == 0:
-                return 0
-            if _mmu.FAULT_FLUSH_BEFORE_PROTECT & self.mmu.faults:
-                self.mmu.flush_remote_tlbs()
-                return _bitmap.clear_masked(s.dirty, words[:n], first_page >> 6, None,
-                                            self.mmu, slot=slot)
+        slot = validate.u32(slot, "slot")
+        first_page = validate.u64(first_page, "first_page")
+        num_pages = validate.u32(num_pages, "num_pages")
+        words = validate.bitmap_words(bitmap)
+        with self._slots_mutex, self.mmu.slots_lock.read():
+            cleared = self._clear_dirty_log_locked(slot, first_page, num_pages, words, ioctl)
+        return cleared
+
+    def _clear_dirty_log_locked(self, slot: int, first_page: int, num_pages: int,
+                                words: np.ndarray, ioctl: str) -> int:
+        s = self._logged_slot(slot, ioctl, first_page)
+        rest = s.npages - first_page
+        if first_page > s.npages or num_pages > rest or (num_pages < rest and num_pages & 63):
+            raise KvmError(errno.EINVAL, ioctl, "the range is not inside the slot")
+        n = (num_pages + 63) >> 6
+        if len(words) < n:
+            raise KvmError(errno.EFAULT, ioctl, f"bitmap has {len(words)} words, {n} needed")
+        if n == 0:
+            return 0
+        if _mmu.FAULT_FLUSH_BEFORE_PROTECT & self.mmu.faults:
+            self.mmu.flush_remote_tlbs()
+            return _bitmap.clear_masked(s.dirty, words[:n], first_page >> 6, None,
+                                        self.mmu, slot=slot)
+        try:
             cleared = _bitmap.clear_masked(s.dirty, words[:n], first_page >> 6, None,
                                            self.mmu, slot=slot)
-            if cleared:
-                self.mmu.flush_remote_tlbs()
-            return cleared
+        finally:
+            # A clear that re-protected anything flushes, even if it then failed.
+            self.mmu.flush_remote_tlbs()
+        return cleared
 
     # -- the ring ioctl -------------------------------------------------
     def reset_dirty_rings(self) -> int:
-        """KVM_RESET_DIRTY_RINGS: re-protect and free every harvested ring entry; returns the count."""
+        """KVM_RESET_DIRTY_RINGS: re-protect and free every harvested ring entry; returns the count.
+
+        Serialised under kvm->slots_lock as in KVM.  If a ring fails part-way
+        (closed by the user, reset by another thread through its own API), the
+        TLBs are still flushed before the error propagates: entries reset
+        before it were re-protected, and a stale writable TLB entry would
+        let the next write to such a page go unlogged.
+        """
         ioctl = "KVM_RESET_DIRTY_RINGS"
         self._check_open(ioctl)
         if not self.dirty_ring_size:
             raise KvmError(errno.EINVAL, ioctl, "no dirty ring")
         sink = None if _mmu.FAULT_SKIP_RESET_PROTECT & self.mmu.faults else self.mmu
-        with self._slots_lock.read():
-            cleared = 0
-            for v in self.vcpus.values():
+        with self._slots_mutex, self.mmu.slots_lock.read():
+            cleared = self._reset_rings_locked(sink)
+        return cleared
+
+    def _reset_rings_locked(self, sink) -> int:
+        cleared = 0
+        failed = True
+        try:
+            for v in tuple(self._vcpus.values()):
                 cleared += v._ring.reset(sink)
-            if cleared:
+            failed = False
+        finally:
+            if cleared or failed:
                 self.mmu.flush_remote_tlbs()
         return cleared
 
@@ -541,20 +550,16 @@ class VM:
         ring-only VM cannot log them.  Returns the number of pages written.
         """
         self._check_open("write_guest")
-        plan = as_plan(gfns)
-        value = u64(int(value), "value")
-        with self._slots_lock.read():
-            return self.mmu.host_write(plan, value)
+        plan = validate.plan(gfns)
+        value = validate.u64(value, "value")
+        return self.mmu.host_write(plan, value)
 
     @property
     def stats(self) -> dict:
-        out = dict(self.mmu.stats)
-        for v in self.vcpus.values():
-            for k, n in v.core.stats.items():
-                out[k] = out.get(k, 0) + n
-        return out
+        """MMU and summed vCPU counters, read in one compiled step (safe while vCPUs are created)."""
+        return self.mmu.stats
 
     def __repr__(self) -> str:
         mode = "ring" if self.dirty_ring_size else "bitmap"
-        return (f"VM(design={self.design_name!r}, mode={mode}, slots={len(self.slots)}, "
-                f"vcpus={len(self.vcpus)}{', closed' if self._closed else ''})")
+        return (f"VM(design={self.design_name!r}, mode={mode}, slots={len(self.mmu.slots)}, "
+                f"vcpus={len(self._vcpus)}{', closed' if self.closed else ''})")

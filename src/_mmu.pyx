@@ -2,8 +2,8 @@
 
 Per memslot: a writable-bit bitmap (the SPTE W bit; 1 = writable), one uint64
 per page (the guest memory we model: the last value written), and the dirty
-bitmap when the slot is logged.  Per vCPU: one TLB bitmap per memslot (cached
-writable translations) and, with a dirty ring, its kd_ring.
+bitmap when the slot is logged.  Per vCPU: its cached writable translations
+(TLB) and, with a dirty ring, its kd_ring.
 
 The write loop runs with the GIL released.  Before each write the vCPU honours
 its requests (TLB flush, ring soft-full), like vcpu_enter_guest().  A remote TLB
@@ -12,18 +12,30 @@ mode has acknowledged it (kvm_flush_remote_tlbs).  Masked write-protect is one
 atomic and-not of a 64-bit mask into the W word.
 
 Slot tables change only while no vCPU runs and no harvest is under way: the
-Python layer (vm.py, slotlock.py) guarantees it, as KVM's SRCU synchronize does.
+MMU's own readers/writer lock (SlotLock, what KVM's SRCU gives it) guarantees
+it.  Every table change allocates everything it needs first and then swaps,
+with the GIL held and no Python code in between, so a MemoryError or a
+KeyboardInterrupt leaves the old table whole.
+
+TLB memory follows what is cached, not the slot size: a vCPU's TLB for a slot
+is an array of NULL chunk pointers; a chunk (TLB_CHUNK_WORDS words) is
+allocated when the vCPU first caches a page in it and recorded in the vCPU's
+cached list; a flush frees exactly the chunks on that list.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_CheckExact
+from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
-from libc.string cimport memset
+from libc.stdlib cimport calloc, realloc, free
+from libc.string cimport memmove
 
-import numpy as np
+import errno
+import os
+import weakref
 
 from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_seqcst_u32,
-                      kd_fetch_or_u32, kd_fetch_andnot_u32, kd_load_relaxed_u64,
-                      kd_store_relaxed_u64, kd_fetch_or_u64, kd_fetch_andnot_u64, kd_fetch_add_u64,
+                      kd_store_relaxed_u32, kd_fetch_or_u32, kd_fetch_andnot_u32,
+                      kd_load_relaxed_u64, kd_store_relaxed_u64, kd_fetch_or_u64,
+                      kd_fetch_andnot_u64, kd_fetch_add_relaxed_u64,
                       kd_load_acquire_ptr, kd_store_release_ptr, kd_smp_mb, kd_cpu_relax,
                       kd_ctz64, kd_clz64)
 from _sink cimport (kd_sink, kd_tracker, kd_owned_capsule, KD_SINK_CAPSULE, KD_RING_CAPSULE,
@@ -31,6 +43,8 @@ from _sink cimport (kd_sink, kd_tracker, kd_owned_capsule, KD_SINK_CAPSULE, KD_R
 from _ringcore cimport kd_ring, kd_ring_push, kd_ring_used, KD_PUSH_SOFT_FULL, KD_PUSH_FULL
 from _uapi cimport (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_EXIT_HLT, KVM_EXIT_MMIO,
                     KVM_EXIT_DIRTY_RING_FULL)
+
+from kvmdirty.errors import KvmError
 
 # vCPU mode, as vcpu->mode
 cdef enum:
@@ -40,9 +54,27 @@ cdef enum:
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
+cdef extern from "<unistd.h>" nogil:
+    int usleep(unsigned int usec)
+
 # A flusher spins this many times on a vCPU's acknowledgement before yielding.
 cdef enum:
     FLUSH_SPINS_BEFORE_YIELD = 256
+
+# A lock waiter yields this many times before it sleeps between polls.
+cdef enum:
+    LOCK_YIELDS_BEFORE_SLEEP = 64
+    LOCK_SLEEP_US = 100
+
+# TLB chunks: 512 words (4 KiB) cache 32,768 pages (128 MiB of guest memory).
+cdef enum:
+    TLB_CHUNK_SHIFT = 9
+    TLB_CHUNK_WORDS = 1 << TLB_CHUNK_SHIFT
+    TLB_CHUNK_MASK = TLB_CHUNK_WORDS - 1
+
+# Slots by id: (address space << 16) | id, address spaces 0 and 1.
+cdef enum:
+    SLOT_ID_SPACE = 2 << 16
 
 # vCPU request bits, as KVM_REQ_*
 cdef enum:
@@ -69,6 +101,14 @@ FAULT_NO_FLUSH_WAIT = F_NO_FLUSH_WAIT
 FAULT_UNLOGGED_FAULT = F_UNLOGGED_FAULT
 FAULT_SKIP_RESET_PROTECT = F_SKIP_RESET_PROTECT
 FAULT_MASK = F_MASK
+TLB_CHUNK_PAGES = TLB_CHUNK_WORDS * 64
+
+# Only the Mmu builds vCPU cores and locks: a token module code holds.
+cdef object _TOKEN = object()
+cdef uint32_t NO_IX = 0xFFFFFFFF
+
+_live_mmus = weakref.WeakSet()
+
 
 ctypedef struct kd_slot:
     uint64_t base_gfn
@@ -78,48 +118,221 @@ ctypedef struct kd_slot:
     uint64_t *writable    # SPTE W bits, 1 = writable
     uint64_t *values      # guest memory: last value written per page
     uint64_t *dirty       # dirty bitmap, NULL if none (not logging, or ring only)
+    size_t nchunks        # TLB chunks one vCPU needs for this slot (0 outside address space 0)
+    uint64_t **tlb        # [vcpu ix * nchunks + chunk]: a TLB chunk, or NULL (nothing cached)
 
 ctypedef struct kd_vcpu:
     uint32_t id
+    uint32_t ix           # index in kd_mmu.vcpus, the row of every slot's tlb
     uint32_t mode         # OUTSIDE_GUEST_MODE / IN_GUEST_MODE
     uint32_t requests     # REQ_* bits
-    uint64_t **tlb        # per slot index: TLB bitmap of writable translations
     kd_ring *ring         # NULL without a dirty ring
+    uint64_t ***cached    # the tlb cells whose chunk this vCPU allocated since its last flush
+    size_t ncached, cap_cached
+    # Statistics: written by the vCPU's thread (relaxed fetch_add once per run),
+    # read by any thread (relaxed loads).  They order nothing.
     uint64_t writes, tlb_hits, faults, dirty_logged
 
+# The slots lock.  Its counters change only with the GIL held (so every
+# check-and-set is atomic) and inside compiled code (so no KeyboardInterrupt
+# can land between two steps); waiters drop the GIL while they poll.
+ctypedef struct kd_rwlock:
+    long readers
+    bint writer           # a writer is inside, or waiting for the readers to leave
+    long owner            # the writer's thread ident
+
 ctypedef struct kd_mmu:
-    kd_slot *slots        # sorted by (address space, base_gfn)
+    kd_slot **sorted[2]   # per address space, sorted by base_gfn; sorted[0] is what the guest runs in
+    size_t nsorted[2], cap_sorted[2]
+    kd_slot **by_id       # SLOT_ID_SPACE entries, every address space
     size_t nslots
-    size_t nguest         # slots[:nguest] are address space 0, the one the guest runs in
     kd_vcpu **vcpus
     size_t nvcpus
+    kd_rwlock lock
+    bint closed           # the VM is closed: runs fail with EBADF
+    bint forked           # inherited across fork(): every call fails with EIO, as KVM's mm check
     bint log_every_write  # log every write to a logged page (emulated writes)
     bint protect_range    # seed 004: protect first..last set bit of a mask
     uint32_t faults       # FAULT_* bits
     kd_tracker *tracker   # a seed-era design, replacing ring/bitmap logging; NULL = upstream KVM
-    uint64_t protects, protect_dropped, flushes
+    uint64_t protects, protect_dropped, flushes     # statistics (relaxed)
 
 
-cdef inline kd_slot *_slot_by_gfn(kd_mmu *m, uint64_t gfn, size_t *index) noexcept nogil:
-    cdef size_t lo = 0, hi = m.nguest, mid
+# -- test-only allocation failure injection ------------------------------------
+# Table changes allocate through _alloc; _inject_alloc_failure(n) makes the n-th
+# of them fail, so tests can prove a MemoryError at every step changes nothing.
+cdef long _fail_countdown = 0
+
+
+cdef void *_alloc(size_t n, size_t size) noexcept:
+    # Called with the GIL held only (the countdown is a plain global).
+    global _fail_countdown
+    if _fail_countdown > 0:
+        _fail_countdown -= 1
+        if _fail_countdown == 0:
+            return NULL
+    return calloc(n if n else 1, size)
+
+
+def _inject_alloc_failure(long n):
+    """Make the n-th table allocation from now fail (0: none).  Returns how many were still pending."""
+    global _fail_countdown
+    old = _fail_countdown
+    _fail_countdown = n
+    return old
+
+
+# -- the slots lock -------------------------------------------------------------
+
+cdef inline void _lock_pause(int *polls) noexcept nogil:
+    polls[0] += 1
+    if polls[0] < LOCK_YIELDS_BEFORE_SLEEP:
+        sched_yield()
+    else:
+        usleep(LOCK_SLEEP_US)
+
+
+cdef void _read_lock(kd_mmu *m):
+    """Enter as a reader (GIL held); waits, GIL released, while a writer is in or waiting."""
+    cdef int polls = 0
+    while m.lock.writer:
+        with nogil:
+            _lock_pause(&polls)
+    m.lock.readers += 1
+
+
+cdef void _read_unlock(kd_mmu *m):
+    m.lock.readers -= 1
+
+
+cdef bint _write_held(kd_mmu *m):
+    return m.lock.writer and m.lock.owner == <long>PyThread_get_thread_ident() and m.lock.readers == 0
+
+
+cdef void _write_lock(kd_mmu *m):
+    """Enter as the writer (GIL held): wait out other writers, bar new readers, wait out readers."""
+    cdef int polls = 0
+    while m.lock.writer:
+        with nogil:
+            _lock_pause(&polls)
+    m.lock.writer = True
+    m.lock.owner = <long>PyThread_get_thread_ident()
+    polls = 0
+    while m.lock.readers:
+        with nogil:
+            _lock_pause(&polls)
+
+
+cdef void _write_unlock(kd_mmu *m):
+    m.lock.writer = False
+    m.lock.owner = 0
+
+
+cdef class _ReadSide:
+    cdef Mmu mmu
+
+    def __cinit__(self, Mmu mmu not None, token):
+        if token is not _TOKEN:
+            raise TypeError("use SlotLock.read()")
+        self.mmu = mmu
+
+    def __enter__(self):
+        _read_lock(self.mmu.m)
+
+    def __exit__(self, *exc):
+        _read_unlock(self.mmu.m)
+
+
+cdef class _WriteSide:
+    cdef Mmu mmu
+
+    def __cinit__(self, Mmu mmu not None, token):
+        if token is not _TOKEN:
+            raise TypeError("use SlotLock.write()")
+        self.mmu = mmu
+
+    def __enter__(self):
+        _write_lock(self.mmu.m)
+
+    def __exit__(self, *exc):
+        _write_unlock(self.mmu.m)
+
+
+cdef class SlotLock:
+    """Readers (vCPU runs, harvests) vs writers (memslot and vCPU-set changes) of one MMU.
+
+    ``with lock.read():`` shares the slot table; ``with lock.write():`` waits
+    for every reader to leave and keeps new ones out (synchronize_srcu).
+    Enter and exit are single compiled steps: an interrupt can only land
+    before or after them.  Readers do not nest while a writer waits.
+    """
+    cdef Mmu mmu
+    cdef _ReadSide _read
+    cdef _WriteSide _write
+
+    def __cinit__(self, Mmu mmu not None, token):
+        if token is not _TOKEN:
+            raise TypeError("SlotLock is created by its Mmu (Mmu.slots_lock)")
+        self.mmu = mmu
+        self._read = _ReadSide(mmu, _TOKEN)
+        self._write = _WriteSide(mmu, _TOKEN)
+
+    def read(self):
+        return self._read
+
+    def write(self):
+        return self._write
+
+    @property
+    def readers(self):
+        return self.mmu.m.lock.readers
+
+    @property
+    def writer(self):
+        return bool(self.mmu.m.lock.writer)
+
+
+# -- slot lookup ----------------------------------------------------------------
+
+cdef inline kd_slot *_slot_by_gfn(kd_mmu *m, uint64_t gfn) noexcept nogil:
+    cdef size_t lo = 0, hi = m.nsorted[0], mid
+    cdef kd_slot *s
     while lo < hi:
         mid = (lo + hi) >> 1
-        if gfn < m.slots[mid].base_gfn:
+        s = m.sorted[0][mid]
+        if gfn < s.base_gfn:
             hi = mid
-        elif gfn - m.slots[mid].base_gfn >= m.slots[mid].npages:
+        elif gfn - s.base_gfn >= s.npages:
             lo = mid + 1
         else:
-            index[0] = mid
-            return &m.slots[mid]
+            return s
     return NULL
+
+
+cdef inline size_t _sorted_pos(kd_mmu *m, uint32_t asid, uint64_t base) noexcept nogil:
+    """Index of the first slot of address space asid whose base is >= base."""
+    cdef size_t lo = 0, hi = m.nsorted[asid], mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if m.sorted[asid][mid].base_gfn < base:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline void _sorted_remove(kd_mmu *m, uint32_t asid, kd_slot *s) noexcept nogil:
+    # Bases are unique within an address space (slots never overlap).
+    cdef size_t pos = _sorted_pos(m, asid, s.base_gfn)
+    memmove(&m.sorted[asid][pos], &m.sorted[asid][pos + 1], (m.nsorted[asid] - pos - 1) * sizeof(kd_slot *))
+    m.nsorted[asid] -= 1
 
 
 cdef inline kd_slot *_slot_by_id(kd_mmu *m, uint32_t sid) noexcept nogil:
-    cdef size_t i
-    for i in range(m.nslots):
-        if m.slots[i].id == sid:
-            return &m.slots[i]
-    return NULL
+    # Ring entries carry any u32 user space wrote: bound it first.
+    if sid >= SLOT_ID_SPACE:
+        return NULL
+    return m.by_id[sid]
 
 
 cdef inline uint64_t _range_mask(uint64_t mask) noexcept nogil:
@@ -135,7 +348,7 @@ cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexce
 
     Dropped, as kvm_reset_dirty_gfn drops it, if the slot does not exist or the
     mask runs past its end.  first need not be 64-aligned (ring reset batches
-    are not); the mask then spans two W words.
+    are not); the mask then spans two W words.  The caller holds the slots lock.
     """
     cdef kd_mmu *m = <kd_mmu *>ctx
     cdef kd_slot *s = _slot_by_id(m, sid)
@@ -143,8 +356,7 @@ cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexce
     if mask == 0:
         return 1
     if s == NULL or first >= s.npages or first + <uint64_t>(63 - kd_clz64(mask)) >= s.npages:
-        # Stats counters: harvests may run in several threads at once.
-        kd_fetch_add_u64(&m.protect_dropped, 1)
+        kd_fetch_add_relaxed_u64(&m.protect_dropped, 1)
         return 0
     if m.protect_range:
         mask = _range_mask(mask)
@@ -153,35 +365,48 @@ cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexce
             mask &= ((<uint64_t>1) << (s.npages - first)) - 1
     w = first >> 6
     sh = first & 63
-    # One atomic and-not per W word; pairs with the fault path's fetch-or.
+    # One atomic and-not per W word; pairs with the fault path's fetch-or (step 2 there).
     kd_fetch_andnot_u64(&s.writable[w], mask << sh)
     if sh and (mask >> (64 - sh)):
         kd_fetch_andnot_u64(&s.writable[w + 1], mask >> (64 - sh))
-    kd_fetch_add_u64(&m.protects, 1)
+    kd_fetch_add_relaxed_u64(&m.protects, 1)
     return 1
 
 
 cdef void _flush_remote_tlbs(kd_mmu *m) noexcept nogil:
-    """Request a TLB flush of every vCPU; wait for each one in guest mode to acknowledge."""
+    """kvm_flush_remote_tlbs: after it returns, no vCPU holds a TLB entry from before it.
+
+    Protocol (the caller holds the slots lock, so m.vcpus is stable):
+      1. The caller has write-protected the pages (and-not of W bits) already.
+      2. Set REQ_TLB_FLUSH on every vCPU with a fetch-or: ordered after the
+         protects of step 1; pairs with the vCPU's load-acquire of requests.
+      3. Full barrier, then read each vCPU's mode: pairs with the vCPU's
+         seq-cst store of IN_GUEST_MODE + full barrier before it reads its
+         requests (a Dekker handshake): either we see it in guest mode, or it
+         sees our request before its next write.
+      4. Wait while a vCPU is in guest mode with the request still set.  It
+         clears the request (release) only after emptying its TLB; once it
+         has, or has left guest mode (release), its stale entries are gone.
+    Why the window is safe: between steps 1 and 4 a vCPU may still write
+    through a stale writable TLB entry without faulting; that write is not
+    logged by this harvest, but the page's bit was taken by it before step 1
+    only if the page was dirty, and the caller returns only after step 4, so
+    user space never reads the page before the stale entry is gone; a write
+    after step 4 faults and is logged again.
+    """
     cdef size_t i, spins
     cdef kd_vcpu *v
     if m.faults & F_SKIP_FLUSH:
         return
-    kd_fetch_add_u64(&m.flushes, 1)
+    kd_fetch_add_relaxed_u64(&m.flushes, 1)
     for i in range(m.nvcpus):
-        # fetch-or (a full barrier on x86, acq_rel in C11): the protect above is
-        # visible before the request; pairs with the vCPU's load-acquire of requests.
-        kd_fetch_or_u32(&m.vcpus[i].requests, REQ_TLB_FLUSH)
-    # Order the request stores before the mode loads below; pairs with the
-    # vCPU's store of IN_GUEST_MODE followed by smp_mb before it reads requests.
-    kd_smp_mb()
+        kd_fetch_or_u32(&m.vcpus[i].requests, REQ_TLB_FLUSH)          # step 2
+    kd_smp_mb()                                                        # step 3
     if m.faults & F_NO_FLUSH_WAIT:
         return
-    for i in range(m.nvcpus):
+    for i in range(m.nvcpus):                                          # step 4
         v = m.vcpus[i]
         spins = 0
-        # Acquire on both: once the vCPU has cleared the request (store-release
-        # after emptying its TLB) or left guest mode, its stale entries are gone.
         while (kd_load_acquire_u32(&v.mode) == IN_GUEST_MODE and
                kd_load_acquire_u32(&v.requests) & REQ_TLB_FLUSH):
             # A vCPU thread the OS has descheduled cannot acknowledge: after a
@@ -193,19 +418,62 @@ cdef void _flush_remote_tlbs(kd_mmu *m) noexcept nogil:
                 sched_yield()
 
 
-cdef void _tlb_flush_local(kd_mmu *m, kd_vcpu *v) noexcept nogil:
-    cdef size_t i
-    for i in range(m.nslots):
-        memset(v.tlb[i], 0, ((m.slots[i].npages + 63) >> 6) * 8)
+# -- TLBs -----------------------------------------------------------------------
 
+cdef void _tlb_flush_local(kd_vcpu *v) noexcept nogil:
+    """Empty this vCPU's TLB: free the chunks it cached since its last flush (cost follows what is cached)."""
+    cdef size_t k
+    for k in range(v.ncached):
+        free(v.cached[k][0])
+        v.cached[k][0] = NULL
+    v.ncached = 0
+
+
+cdef inline void _tlb_fill(kd_vcpu *v, uint64_t **cell, uint64_t w, uint64_t bit) noexcept nogil:
+    """Cache a writable translation.  Out of memory: cache nothing (a TLB miss is always correct)."""
+    cdef uint64_t *chunk = cell[0]
+    cdef uint64_t ***grown
+    cdef size_t cap
+    if chunk == NULL:
+        if v.ncached == v.cap_cached:
+            cap = v.cap_cached * 2 if v.cap_cached else 16
+            grown = <uint64_t ***>realloc(v.cached, cap * sizeof(uint64_t **))
+            if grown == NULL:
+                return
+            v.cached = grown
+            v.cap_cached = cap
+        chunk = <uint64_t *>calloc(TLB_CHUNK_WORDS, sizeof(uint64_t))
+        if chunk == NULL:
+            return
+        v.cached[v.ncached] = cell
+        v.ncached += 1
+        cell[0] = chunk
+    chunk[w & TLB_CHUNK_MASK] |= bit
+
+
+cdef void _flush_all_local(kd_mmu *m) noexcept nogil:
+    """Every vCPU's TLB emptied by the writer (no vCPU runs: the slots lock is held for writing)."""
+    cdef size_t i
+    for i in range(m.nvcpus):
+        _tlb_flush_local(m.vcpus[i])
+
+
+cdef void _free_slot(kd_slot *s) noexcept nogil:
+    # Its chunks are freed by the vCPUs' flushes (the writer flushes every vCPU first).
+    if s != NULL:
+        free(s.tlb)
+        free(s)
+
+
+# -- the guest ------------------------------------------------------------------
 
 cdef inline int _check_requests(kd_mmu *m, kd_vcpu *v) noexcept nogil:
     """Honour pending requests before entering the guest; return an exit reason or 0."""
-    # Acquire pairs with the fetch-or in _flush_remote_tlbs / the soft-full request.
+    # Acquire pairs with the fetch-or in _flush_remote_tlbs (its step 2) / the soft-full request.
     cdef uint32_t req = kd_load_acquire_u32(&v.requests)
     if req & REQ_TLB_FLUSH:
-        _tlb_flush_local(m, v)
-        # Release: the TLB is empty before the flusher sees the acknowledgement.
+        _tlb_flush_local(v)
+        # Release: the TLB is empty before the flusher (its step 4) sees the acknowledgement.
         kd_fetch_andnot_u32(&v.requests, REQ_TLB_FLUSH)
     if req & REQ_DIRTY_RING_SOFT_FULL:
         # kvm_dirty_ring_check_request: keep exiting while still soft-full.
@@ -219,8 +487,12 @@ cdef inline int _check_requests(kd_mmu *m, kd_vcpu *v) noexcept nogil:
     return 0
 
 
-cdef inline int _mark_dirty(kd_mmu *m, kd_vcpu *v, kd_slot *s, uint64_t rel) noexcept nogil:
-    """mark_page_dirty_in_slot: record one write; return an exit reason if it could not be."""
+cdef inline int _mark_dirty(kd_mmu *m, kd_vcpu *v, kd_slot *s, uint64_t rel,
+                            uint64_t *logged) noexcept nogil:
+    """mark_page_dirty_in_slot: record one write; return an exit reason if it could not be.
+
+    As KVM: into the vCPU's ring when the VM has rings, else into the slot's bitmap.
+    """
     cdef uint64_t *d
     cdef int r
     if not (s.flags & KVM_MEM_LOG_DIRTY_PAGES):
@@ -231,7 +503,7 @@ cdef inline int _mark_dirty(kd_mmu *m, kd_vcpu *v, kd_slot *s, uint64_t rel) noe
             return m.tracker.full_exit
         if r > 0:
             kd_fetch_or_u32(&v.requests, REQ_TRACKER_FULL)
-        v.dirty_logged += 1
+        logged[0] += 1
         return 0
     if v.ring != NULL:
         r = kd_ring_push(v.ring, s.id, rel)
@@ -239,25 +511,51 @@ cdef inline int _mark_dirty(kd_mmu *m, kd_vcpu *v, kd_slot *s, uint64_t rel) noe
             return KVM_EXIT_DIRTY_RING_FULL
         if r == KD_PUSH_SOFT_FULL:
             kd_fetch_or_u32(&v.requests, REQ_DIRTY_RING_SOFT_FULL)
-        v.dirty_logged += 1
+        logged[0] += 1
+        return 0
+    # Acquire pairs with set_dirty's store-release of the pointer (switched bitmaps).
     d = <uint64_t *>kd_load_acquire_ptr(<void **>&s.dirty)
     if d != NULL:
         # fetch-or pairs with the harvester's xchg / fetch-and-not.
         kd_fetch_or_u64(&d[rel >> 6], (<uint64_t>1) << (rel & 63))
-        v.dirty_logged += 1
+        logged[0] += 1
     return 0
 
 
 cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
               size_t vstride, size_t n, size_t *done) noexcept nogil:
-    """The guest: write vals[i*vstride] to page gfns[i], for i < n.  Returns the exit reason."""
-    cdef size_t i = 0, si = 0
+    """The guest: write vals[i*vstride] to page gfns[i], for i < n.  Returns the exit reason.
+
+    Write-fault protocol (fast_page_fault + mark_page_dirty_in_slot), per write:
+      1. TLB hit: store the value, no fault.  The entry was filled after the
+         last flush this vCPU acknowledged (_check_requests), so the page was
+         writable and logged since its last harvest.
+      2. W bit set (relaxed load: a stale 1 is only a stale TLB-like view, and
+         the harvester's and-not + flush handshake covers it): fill the TLB.
+      3. W bit clear, a write-protect fault: set the W bit (fetch-or) FIRST,
+         then log the page (ring push / bitmap fetch-or, both publishing with
+         release; they pair with the harvester's acquire / xchg).  A harvest
+         between the two does not see the page dirty and leaves W alone; our
+         log then marks it, so the next harvest reports and re-protects it.
+         The other order loses writes: log, a harvest takes the bit and
+         protects the page, then we set W: writable and clean, and every
+         later write to it goes unlogged.
+      4. Store the value (relaxed: readers only need the value itself; user
+         space reads pages after a harvest that flushed us, step 4 of
+         _flush_remote_tlbs, which orders our stores before its return).
+    Requests are checked before each write; a flush request empties the TLB
+    before the write, so no write uses an entry from before the flush once
+    the flusher has seen our acknowledgement.
+    """
+    cdef size_t i = 0
     cdef kd_slot *s = NULL
-    cdef uint64_t gfn, rel, w, bit
+    cdef uint64_t **row = NULL
+    cdef uint64_t *chunk
+    cdef uint64_t gfn, rel, w, bit, hits = 0, faults = 0, logged = 0
     cdef int reason = KVM_EXIT_HLT, r
     cdef bint unlogged = (m.faults & F_UNLOGGED_FAULT) != 0
-    # Dekker handshake with _flush_remote_tlbs: publish guest mode, full
-    # barrier, then read requests (vcpu_enter_guest's smp_mb__after_srcu_read_unlock).
+    # Dekker handshake with _flush_remote_tlbs (its step 3): publish guest mode,
+    # full barrier, then read requests (vcpu_enter_guest's smp_mb__after_srcu_read_unlock).
     kd_store_seqcst_u32(&v.mode, IN_GUEST_MODE)
     kd_smp_mb()
     while i < n:
@@ -267,8 +565,8 @@ cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
                 reason = r
                 break
         gfn = gfns[i]
-        if s == NULL or gfn - s.base_gfn >= s.npages or gfn < s.base_gfn:
-            s = _slot_by_gfn(m, gfn, &si)
+        if s == NULL or gfn - s.base_gfn >= s.npages:
+            s = _slot_by_gfn(m, gfn)
             if s == NULL or s.flags & KVM_MEM_READONLY:
                 # No memslot, or a read-only one: the write goes to user space
                 # as MMIO.  KVM retires the instruction with the exit, so it
@@ -277,28 +575,26 @@ cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
                 reason = KVM_EXIT_MMIO
                 i += 1
                 break
+            row = s.tlb + <size_t>v.ix * s.nchunks
         rel = gfn - s.base_gfn
         w = rel >> 6
         bit = (<uint64_t>1) << (rel & 63)
-        if v.tlb[si][w] & bit:
-            v.tlb_hits += 1
+        chunk = row[w >> TLB_CHUNK_SHIFT]
+        if chunk != NULL and chunk[w & TLB_CHUNK_MASK] & bit:          # step 1
+            hits += 1
             if m.log_every_write and (s.flags & KVM_MEM_LOG_DIRTY_PAGES):
-                r = _mark_dirty(m, v, s, rel)
+                r = _mark_dirty(m, v, s, rel, &logged)
                 if r:
                     reason = r
                     break
-        elif kd_load_relaxed_u64(&s.writable[w]) & bit:
+        elif kd_load_relaxed_u64(&s.writable[w]) & bit:                # step 2
             if m.log_every_write and (s.flags & KVM_MEM_LOG_DIRTY_PAGES):
-                r = _mark_dirty(m, v, s, rel)
+                r = _mark_dirty(m, v, s, rel, &logged)
                 if r:
                     reason = r
                     break
-            v.tlb[si][w] |= bit
-        else:
-            # Write-protect fault (fast_page_fault): make the SPTE writable,
-            # then log the page, as fast_pf_fix_direct_spte does.  The other
-            # order loses writes: a harvest between the two would protect
-            # first and leave the page writable and clean.
+            _tlb_fill(v, &row[w >> TLB_CHUNK_SHIFT], w, bit)
+        else:                                                          # step 3
             if (v.ring != NULL and m.tracker == NULL and s.flags & KVM_MEM_LOG_DIRTY_PAGES
                     and kd_ring_used(v.ring) >= v.ring.size):
                 # Every entry is live (only if user space never resets): never
@@ -307,193 +603,422 @@ cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
                 break
             kd_fetch_or_u64(&s.writable[w], bit)
             if not unlogged:
-                r = _mark_dirty(m, v, s, rel)
+                r = _mark_dirty(m, v, s, rel, &logged)
                 if r:
                     # Only a seed design's tracker refuses: undo the W bit; the
                     # write is redone, and logged, when the vCPU resumes.
                     kd_fetch_andnot_u64(&s.writable[w], bit)
                     reason = r
                     break
-            v.faults += 1
-            v.tlb[si][w] |= bit
-        # The guest's store; relaxed because readers only need the value itself.
-        kd_store_relaxed_u64(&s.values[rel], vals[i * vstride])
+            faults += 1
+            _tlb_fill(v, &row[w >> TLB_CHUNK_SHIFT], w, bit)
+        kd_store_relaxed_u64(&s.values[rel], vals[i * vstride])        # step 4
         i += 1
-    v.writes += i
-    # Release: our stores are done before a flusher stops waiting for us.
+    kd_fetch_add_relaxed_u64(&v.writes, i)
+    kd_fetch_add_relaxed_u64(&v.tlb_hits, hits)
+    kd_fetch_add_relaxed_u64(&v.faults, faults)
+    kd_fetch_add_relaxed_u64(&v.dirty_logged, logged)
+    # Release: our stores are done before a flusher stops waiting for us (its step 4).
     kd_store_release_u32(&v.mode, OUTSIDE_GUEST_MODE)
     done[0] = i
     return reason
 
 
+
+
+cdef object _vm_error(int err, str ioctl, str detail):
+    return KvmError(err, ioctl, detail)
+
+
 cdef class VcpuCore:
-    """One simulated vCPU: requests, TLB bitmaps, optional dirty ring, counters."""
+    """One simulated vCPU: requests, TLB, optional dirty ring, counters, and its write plan.
+
+    Built by ``Mmu.new_vcpu`` / ``Mmu.add_vcpu`` only.  The plan and the
+    position in it live here and change in one compiled step with the run,
+    so an interrupt cannot separate the writes done from the position.
+    """
     cdef kd_vcpu v
     cdef Mmu mmu
-    cdef object _tlbs      # numpy arrays behind v.tlb
-    cdef object _ring      # the DirtyRing object behind v.ring (kept alive)
+    cdef object _ring          # the DirtyRing object behind v.ring (kept alive)
     cdef bint running
+    cdef const uint64_t[::1] _plan
+    cdef const uint64_t[::1] _vals
+    cdef uint64_t _one
+    cdef bint _has_plan, _per_write
+    cdef size_t _pos
 
-    def __cinit__(self, Mmu mmu not None, uint32_t vcpu_id):
+    def __cinit__(self, Mmu mmu not None, uint32_t vcpu_id, token):
+        if token is not _TOKEN:
+            raise TypeError("VcpuCore is created by Mmu.new_vcpu()")
         self.mmu = mmu
         self.v.id = vcpu_id
-        self._tlbs = []
+        self.v.ix = NO_IX
 
     def __dealloc__(self):
-        free(self.v.tlb)
-
-    cdef int _rebuild_tlbs(self) except -1:
-        cdef size_t i, n = self.mmu.m.nslots
-        cdef uint64_t[::1] a
-        cdef uint64_t **tlb = <uint64_t **>calloc(n if n else 1, sizeof(uint64_t *))
-        if tlb == NULL:
-            raise MemoryError()
-        arrays = []
-        for i in range(n):
-            arr = np.zeros(max(1, (self.mmu.m.slots[i].npages + 63) >> 6), dtype=np.uint64)
-            a = arr
-            tlb[i] = &a[0]
-            arrays.append(arr)
-        free(self.v.tlb)
-        self.v.tlb = tlb
-        self._tlbs = arrays
-        return 0
+        # The chunks are the slots' (freed by a flush or by the Mmu); the list is ours.
+        free(self.v.cached)
 
     def attach_ring(self, ring):
         """Log this vCPU's dirty pages into ``ring`` (a kvmdirty._ring.DirtyRing)."""
+        if self.running:
+            raise RuntimeError(f"vCPU {self.v.id} is running")
         cap = ring._kd_ring
         if not PyCapsule_CheckExact(cap):
             raise TypeError("ring must offer a kd_ring capsule")
         self.v.ring = <kd_ring *>PyCapsule_GetPointer(cap, KD_RING_CAPSULE)
         self._ring = ring
 
-    def run(self, const uint64_t[::1] gfns not None, values, size_t start=0, size_t budget=0):
-        """Execute writes gfns[start:], at most ``budget`` of them (0 = all).
+    @property
+    def id(self):
+        return self.v.id
 
-        ``values`` is one int or a uint64 array parallel to gfns.  Returns
-        (exit reason, writes done).  The caller (vm.Vcpu) keeps the plan.
+    @property
+    def remaining(self):
+        """Writes of the current plan not done yet."""
+        return self._plan.shape[0] - self._pos if self._has_plan else 0
+
+    @property
+    def position(self):
+        return self._pos
+
+    def run(self, gfns=None, values=None, size_t budget=0):
+        """Install a new plan (``gfns`` not None) and/or go on with the current one.
+
+        ``gfns``: C-contiguous uint64 array; ``values``: an int in [0, 2**64)
+        or a uint64 array parallel to gfns (validated by kvmdirty.validate).
+        At most ``budget`` writes (0 = all).  Returns (exit reason, writes
+        done, writes remaining).  A failed call changes nothing.
         """
+        cdef const uint64_t[::1] g
         cdef const uint64_t[::1] va
-        cdef uint64_t one
-        cdef size_t n = gfns.shape[0], count, done = 0, stride
+        cdef uint64_t one = 0
+        cdef bint per_write = False
+        cdef size_t n, count, done = 0, stride, start
         cdef const uint64_t *vp
+        cdef const uint64_t *gp
         cdef int reason
-        if start > n:
-            raise ValueError(f"start {start} past the plan's {n} writes")
-        if isinstance(values, (int, np.integer)):
-            if values < 0 or values >= (1 << 64):
-                raise ValueError("value must fit in 64 bits")
-            one = values
-            vp = &one
-            stride = 0
-        else:
-            va = values
-            if <size_t>va.shape[0] != n:
-                raise ValueError(f"values has {va.shape[0]} entries, the plan {n}")
-            vp = &va[start] if start < n else NULL
-            stride = 1
+        cdef kd_mmu *m = self.mmu.m
+        if m.forked:
+            raise _vm_error(errno.EIO, "KVM_RUN", "the VM belongs to the parent process")
+        if self.v.ix == NO_IX:
+            raise RuntimeError("this vCPU core is not attached to its MMU")
+        if gfns is not None:
+            g = gfns
+            if values is None or isinstance(values, int):
+                one = 0 if values is None else values
+            else:
+                va = values
+                if va.shape[0] != g.shape[0]:
+                    raise ValueError(f"values has {va.shape[0]} entries, the plan {g.shape[0]}")
+                per_write = True
+        elif values is not None:
+            raise ValueError("values given without gfns")
+        if self.running:
+            raise RuntimeError(f"vCPU {self.v.id} is already running in another thread")
+        # From here on nothing fails and no Python code runs until the return.
+        _read_lock(m)
+        if m.closed:
+            _read_unlock(m)
+            raise _vm_error(errno.EBADF, "KVM_RUN", "the VM is closed")
+        self.running = True
+        if gfns is not None:
+            self._plan = g
+            self._has_plan = True
+            self._per_write = per_write
+            if per_write:
+                self._vals = va
+            else:
+                self._vals = None
+                self._one = one
+            self._pos = 0
+        start = self._pos
+        n = self._plan.shape[0] if self._has_plan else 0
         count = n - start
         if budget and budget < count:
             count = budget
-        if self.running:
-            raise RuntimeError(f"vCPU {self.v.id} is already running in another thread")
-        self.running = True
-        try:
-            if count == 0:
-                with nogil:
-                    reason = _run(self.mmu.m, &self.v, NULL, vp, stride, 0, &done)
-            else:
-                with nogil:
-                    reason = _run(self.mmu.m, &self.v, &gfns[start], vp, stride, count, &done)
-        finally:
-            self.running = False
-        if reason == KVM_EXIT_HLT and start + done < n:
+        gp = &self._plan[start] if count else NULL
+        if self._per_write:
+            vp = &self._vals[start] if count else NULL
+            stride = 1
+        else:
+            vp = &self._one
+            stride = 0
+        # self._plan / self._vals stay exported for the whole loop: only a
+        # call that passes the running check above can replace them.
+        with nogil:
+            reason = _run(m, &self.v, gp, vp, stride, count, &done)
+        self._pos = start + done
+        self.running = False
+        _read_unlock(m)
+        if reason == KVM_EXIT_HLT and self._pos < n:
             reason = EXIT_BUDGET
-        return reason, done
+        return reason, done, n - self._pos
 
     def request_pending(self):
         return kd_load_acquire_u32(&self.v.requests)
 
     @property
     def stats(self):
-        return {"writes": self.v.writes, "tlb_hits": self.v.tlb_hits,
-                "faults": self.v.faults, "dirty_logged": self.v.dirty_logged}
+        # Relaxed loads pair with the relaxed fetch_adds at the end of _run.
+        return {"writes": kd_load_relaxed_u64(&self.v.writes),
+                "tlb_hits": kd_load_relaxed_u64(&self.v.tlb_hits),
+                "faults": kd_load_relaxed_u64(&self.v.faults),
+                "dirty_logged": kd_load_relaxed_u64(&self.v.dirty_logged)}
+
+    @property
+    def tlb_chunks(self):
+        """TLB chunks this vCPU holds (what its next flush frees)."""
+        return self.v.ncached
 
 
 cdef class Mmu:
-    """The simulated page tables of one VM, and its vCPUs' shared state."""
+    """The simulated page tables of one VM, and its vCPUs' shared state.
+
+    ``slots`` (sid -> the caller's slot object) and the vCPU registry are
+    updated in the same compiled step as the C tables.
+    """
     cdef kd_mmu *m
     cdef kd_sink sink
-    cdef list _slot_arrays
+    cdef dict _keep            # sid -> (writable, values, dirty): the buffers behind the C slots
+    cdef dict _slots           # sid -> the caller's slot object
+    cdef list _retired         # dirty bitmaps replaced by set_dirty, kept until a flush proves them unused
     cdef list _vcpus
     cdef object _tracker
+    cdef SlotLock _lock
+    cdef object __weakref__
 
     def __cinit__(self):
         self.m = <kd_mmu *>calloc(1, sizeof(kd_mmu))
         if self.m == NULL:
             raise MemoryError()
+        self.m.by_id = <kd_slot **>calloc(SLOT_ID_SPACE, sizeof(kd_slot *))
+        if self.m.by_id == NULL:
+            free(self.m)
+            self.m = NULL
+            raise MemoryError()
         self.sink.protect = _protect
         self.sink.ctx = self.m
-        self._slot_arrays = []
+        self._keep = {}
+        self._slots = {}
+        self._retired = []
         self._vcpus = []
+        self._lock = SlotLock(self, _TOKEN)
+        _live_mmus.add(self)
+
+    def __dealloc__(self):
+        cdef size_t i, k
+        cdef kd_slot *s
+        if self.m == NULL:
+            return
+        for i in range(SLOT_ID_SPACE):
+            s = self.m.by_id[i]
+            if s != NULL:
+                if s.tlb != NULL:
+                    for k in range(self.m.nvcpus * s.nchunks):
+                        free(s.tlb[k])
+                _free_slot(s)
+        free(self.m.by_id)
+        free(self.m.sorted[0])
+        free(self.m.sorted[1])
+        free(self.m.vcpus)
+        free(self.m)
 
     @property
     def _kd_sink(self):
         """PyCapsule (KD_SINK_CAPSULE) of this MMU's masked write-protect; keeps the MMU alive."""
         return kd_owned_capsule(&self.sink, KD_SINK_CAPSULE, self)
 
-    def __dealloc__(self):
-        if self.m != NULL:
-            free(self.m.slots)
-            free(self.m.vcpus)
-            free(self.m)
+    @property
+    def slots_lock(self):
+        return self._lock
 
-    def set_slots(self, slots):
-        """Install a new slot table: a list of (id, base_gfn, npages, flags, writable, values, dirty|None).
+    @property
+    def slots(self):
+        """sid -> slot object, as installed (do not mutate: use set_slot / delete_slot)."""
+        return self._slots
 
-        Slots of every address space are kept (harvests name them); the guest
-        runs in address space 0 only.
-        Only while no vCPU runs and nothing harvests (vm.py's slots lock).
-        Every vCPU's TLB is rebuilt empty (a memslot change flushes TLBs).
-        """
-        cdef size_t i, n = len(slots)
-        cdef uint64_t[::1] w, val, d
-        cdef kd_slot *tab
-        rows = sorted(slots, key=lambda r: (r[0] >> 16, r[1]))
-        for r in rows:
-            sid, base, npages, flags, writable, values, dirty = r
-            nw = (npages + 63) >> 6
-            if len(writable) < nw or len(values) < npages or (dirty is not None and len(dirty) < nw):
-                raise ValueError(f"slot {sid:#x}: arrays too small for {npages} pages")
-        tab = <kd_slot *>calloc(n if n else 1, sizeof(kd_slot))
-        if tab == NULL:
-            raise MemoryError()
-        keep = []
-        try:
-            for i in range(n):
-                sid, base, npages, flags, writable, values, dirty = rows[i]
-                w = writable
-                val = values
-                tab[i].id = sid
-                tab[i].base_gfn = base
-                tab[i].npages = npages
-                tab[i].flags = flags
-                tab[i].writable = &w[0] if w.shape[0] else NULL
-                tab[i].values = &val[0] if val.shape[0] else NULL
-                if dirty is not None:
-                    d = dirty
-                    tab[i].dirty = &d[0] if d.shape[0] else NULL
-                keep.append(rows[i])
-        except BaseException:
-            free(tab)
-            raise
-        free(self.m.slots)
-        self.m.slots = tab
-        self.m.nslots = n
-        self.m.nguest = sum(1 for r in rows if r[0] >> 16 == 0)
-        self._slot_arrays = keep
+    @property
+    def closed(self):
+        return bool(self.m.closed)
+
+    @property
+    def forked(self):
+        """True in a child process: the VM belongs to the parent (KVM answers EIO)."""
+        return bool(self.m.forked)
+
+    cdef int _check_live(self, str ioctl) except -1:
+        if self.m.forked:
+            raise _vm_error(errno.EIO, ioctl, "the VM belongs to the parent process")
+        if self.m.closed:
+            raise _vm_error(errno.EBADF, ioctl, "the VM is closed")
+        return 0
+
+    def close(self):
+        """Wait for every reader to leave; later runs fail with EBADF."""
+        if self.m.forked:
+            self.m.closed = True
+            return
+        held = _write_held(self.m)
+        if not held:
+            _write_lock(self.m)
+        self.m.closed = True
+        if not held:
+            _write_unlock(self.m)
+
+    def _after_fork_child(self):
+        # The threads that held the lock or ran vCPUs do not exist here.
+        cdef size_t i
+        self.m.lock.readers = 0
+        self.m.lock.writer = False
+        self.m.lock.owner = 0
+        self.m.forked = True
+        for i in range(self.m.nvcpus):
+            self.m.vcpus[i].mode = OUTSIDE_GUEST_MODE
         for vc in self._vcpus:
-            (<VcpuCore>vc)._rebuild_tlbs()
+            (<VcpuCore>vc).running = False
+
+    # -- memslots -------------------------------------------------------------
+    def set_slot(self, slot, bint write_protect=False, bint zap=False):
+        """Install ``slot`` (create it, or replace the slot with its id) in one step.
+
+        ``slot`` has attributes slot (sid), base_gfn, npages, flags, writable,
+        values, dirty (uint64 arrays; dirty may be None).  ``write_protect``:
+        clear every W bit (dirty logging turned on); ``zap``: the same for a
+        moved slot.  Takes the slots lock for writing unless this thread holds
+        it.  Every vCPU's TLB is flushed (a memslot change flushes TLBs).
+        Allocates everything first: on MemoryError nothing has changed.
+        Overlap checks are the caller's (vm.py, under its slots mutex).
+        """
+        cdef uint64_t[::1] w, val, d
+        cdef kd_slot *ns
+        cdef kd_slot *old
+        cdef kd_slot **grown = NULL
+        cdef uint32_t sid32, asid
+        cdef uint64_t npages, base, nw, k
+        cdef size_t pos, cap = 0
+        cdef bint held
+        self._check_live("KVM_SET_USER_MEMORY_REGION")
+        sid, base_o, npages_o, flags = slot.slot, slot.base_gfn, slot.npages, slot.flags
+        writable, values, dirty = slot.writable, slot.values, slot.dirty
+        if not 0 <= sid < SLOT_ID_SPACE:
+            raise ValueError(f"slot {sid:#x} out of range")
+        npages, base = npages_o, base_o
+        if npages == 0 or base + npages < base:
+            raise ValueError("a slot has at least one page and does not wrap")
+        nw = (npages + 63) >> 6
+        w = writable
+        val = values
+        if <uint64_t>w.shape[0] < nw or <uint64_t>val.shape[0] < npages:
+            raise ValueError(f"slot {sid:#x}: arrays too small for {npages} pages")
+        if dirty is not None:
+            d = dirty
+            if <uint64_t>d.shape[0] < nw:
+                raise ValueError(f"slot {sid:#x}: dirty bitmap too small")
+        sid32 = sid
+        asid = sid32 >> 16
+        held = _write_held(self.m)
+        if not held:
+            _write_lock(self.m)
+        try:
+            old = self.m.by_id[sid32]
+            ns = <kd_slot *>_alloc(1, sizeof(kd_slot))
+            if ns == NULL:
+                raise MemoryError()
+            ns.base_gfn, ns.npages, ns.id, ns.flags = base, npages, sid32, flags
+            ns.writable, ns.values = &w[0], &val[0]
+            ns.dirty = &d[0] if dirty is not None else NULL
+            if asid == 0:
+                ns.nchunks = (nw + TLB_CHUNK_MASK) >> TLB_CHUNK_SHIFT
+                ns.tlb = <uint64_t **>_alloc(self.m.nvcpus * ns.nchunks, sizeof(uint64_t *))
+                if ns.tlb == NULL:
+                    free(ns)
+                    raise MemoryError()
+            if old == NULL and self.m.nsorted[asid] == self.m.cap_sorted[asid]:
+                cap = self.m.cap_sorted[asid] * 2 if self.m.cap_sorted[asid] else 16
+                grown = <kd_slot **>_alloc(cap, sizeof(kd_slot *))
+                if grown == NULL:
+                    _free_slot(ns)
+                    raise MemoryError()
+            try:
+                entry = (writable, values, dirty)
+                prev_keep = self._keep.get(sid)
+                prev_slot = self._slots.get(sid)
+                self._keep[sid] = entry
+                try:
+                    self._slots[sid] = slot
+                except BaseException:
+                    if prev_keep is None:
+                        del self._keep[sid]
+                    else:
+                        self._keep[sid] = prev_keep
+                    raise
+            except BaseException:
+                free(grown)
+                _free_slot(ns)
+                raise
+            # -- commit: nothing below fails --
+            _flush_all_local(self.m)
+            if grown != NULL:
+                if self.m.nsorted[asid]:
+                    memmove(grown, self.m.sorted[asid], self.m.nsorted[asid] * sizeof(kd_slot *))
+                free(self.m.sorted[asid])
+                self.m.sorted[asid] = grown
+                self.m.cap_sorted[asid] = cap
+            if old != NULL:
+                _sorted_remove(self.m, asid, old)
+            pos = _sorted_pos(self.m, asid, base)
+            memmove(&self.m.sorted[asid][pos + 1], &self.m.sorted[asid][pos],
+                    (self.m.nsorted[asid] - pos) * sizeof(kd_slot *))
+            self.m.sorted[asid][pos] = ns
+            self.m.nsorted[asid] += 1
+            self.m.by_id[sid32] = ns
+            if old == NULL:
+                self.m.nslots += 1
+            if write_protect or zap:
+                # kvm_mmu_slot_apply_flags / a move's zap: no SPTE of the slot stays writable.
+                for k in range(nw):
+                    if kd_load_relaxed_u64(&ns.writable[k]):
+                        kd_store_relaxed_u64(&ns.writable[k], 0)
+            _free_slot(old)
+        finally:
+            if not held:
+                _write_unlock(self.m)
+
+    def delete_slot(self, sid):
+        """Remove slot ``sid`` in one step (KeyError if absent); flushes every vCPU's TLB."""
+        cdef kd_slot *old
+        cdef size_t pos
+        cdef bint held
+        cdef uint32_t sid32
+        self._check_live("KVM_SET_USER_MEMORY_REGION")
+        if sid not in self._slots:
+            raise KeyError(sid)
+        sid32 = sid
+        held = _write_held(self.m)
+        if not held:
+            _write_lock(self.m)
+        try:
+            old = self.m.by_id[sid32]
+            _flush_all_local(self.m)
+            _sorted_remove(self.m, sid32 >> 16, old)
+            self.m.by_id[sid32] = NULL
+            self.m.nslots -= 1
+            _free_slot(old)
+            del self._slots[sid]
+            del self._keep[sid]
+        finally:
+            if not held:
+                _write_unlock(self.m)
+
+    def set_slots(self, rows):
+        """Replace the whole table with rows (sid, base_gfn, npages, flags, writable, values, dirty|None)."""
+        from types import SimpleNamespace
+        new = {r[0]: SimpleNamespace(slot=r[0], base_gfn=r[1], npages=r[2], flags=r[3],
+                                     writable=r[4], values=r[5], dirty=r[6]) for r in rows}
+        for sid in [s for s in self._slots if s not in new]:
+            self.delete_slot(sid)
+        for s in new.values():
+            self.set_slot(s)
 
     def set_dirty(self, uint32_t sid, dirty):
         """Point slot ``sid``'s dirty-bitmap pointer at ``dirty`` (store-release; None = no bitmap).
@@ -510,28 +1035,119 @@ cdef class Mmu:
             if <size_t>d.shape[0] < ((s.npages + 63) >> 6):
                 raise ValueError("dirty bitmap too small")
             p = &d[0]
+        old = self._keep[sid][2]
+        entry = self._keep[sid][:2] + (dirty,)
+        if old is not None:
+            # A vCPU in guest mode may still write through the old pointer:
+            # keep the buffer alive until a completed remote flush (below).
+            self._retired.append(old)
         # Release pairs with _mark_dirty's load-acquire of the pointer.
         kd_store_release_ptr(<void **>&s.dirty, p)
-        for i, r in enumerate(self._slot_arrays):
-            if r[0] == sid:
-                self._slot_arrays[i] = r[:6] + (dirty,)
+        self._keep[sid] = entry
+
+    # -- vCPUs ----------------------------------------------------------------
+    def add_vcpu(self, uint32_t vcpu_id, ring=None, registry=None, factory=None):
+        """Create and register a vCPU core in one step; returns ``factory(core)`` (or the core).
+
+        With ``registry`` (a dict), the result is stored at ``registry[vcpu_id]``
+        in the same step.  Duplicate-id checks are the caller's (under kvm->lock).
+        Allocates everything first: on MemoryError nothing has changed.
+        """
+        cdef VcpuCore vc
+        cdef kd_vcpu **arr = NULL
+        cdef uint64_t ***tlbs = NULL
+        cdef size_t i, j, nv
+        cdef bint held
+        cdef kd_slot *s
+        self._check_live("KVM_CREATE_VCPU")
+        vc = VcpuCore(self, vcpu_id, _TOKEN)
+        if ring is not None:
+            vc.attach_ring(ring)
+        result = factory(vc) if factory is not None else vc
+        held = _write_held(self.m)
+        if not held:
+            _write_lock(self.m)
+        try:
+            nv = self.m.nvcpus
+            arr = <kd_vcpu **>_alloc(nv + 1, sizeof(kd_vcpu *))
+            tlbs = <uint64_t ***>_alloc(self.m.nsorted[0], sizeof(uint64_t **))
+            if arr == NULL or tlbs == NULL:
+                free(arr)
+                free(tlbs)
+                raise MemoryError()
+            for i in range(self.m.nsorted[0]):
+                tlbs[i] = <uint64_t **>_alloc((nv + 1) * self.m.sorted[0][i].nchunks, sizeof(uint64_t *))
+                if tlbs[i] == NULL:
+                    for j in range(i):
+                        free(tlbs[j])
+                    free(tlbs)
+                    free(arr)
+                    raise MemoryError()
+            try:
+                self._vcpus.append(vc)
+                try:
+                    if registry is not None:
+                        registry[vcpu_id] = result
+                except BaseException:
+                    self._vcpus.pop()
+                    raise
+            except BaseException:
+                for i in range(self.m.nsorted[0]):
+                    free(tlbs[i])
+                free(tlbs)
+                free(arr)
+                raise
+            # -- commit: nothing below fails --
+            # Every TLB is emptied first, so the new per-slot rows hold no chunk to carry over.
+            _flush_all_local(self.m)
+            for i in range(self.m.nsorted[0]):
+                s = self.m.sorted[0][i]
+                free(s.tlb)
+                s.tlb = tlbs[i]
+            free(tlbs)
+            for i in range(nv):
+                arr[i] = self.m.vcpus[i]
+            vc.v.ix = <uint32_t>nv
+            arr[nv] = &vc.v
+            free(self.m.vcpus)
+            self.m.vcpus = arr
+            self.m.nvcpus = nv + 1
+        finally:
+            if not held:
+                _write_unlock(self.m)
+        return result
 
     def new_vcpu(self, uint32_t vcpu_id):
-        cdef VcpuCore vc = VcpuCore(self, vcpu_id)
-        cdef kd_vcpu **arr = <kd_vcpu **>calloc(self.m.nvcpus + 1, sizeof(kd_vcpu *))
-        cdef size_t i
-        if arr == NULL:
-            raise MemoryError()
-        vc._rebuild_tlbs()
-        for i in range(self.m.nvcpus):
-            arr[i] = self.m.vcpus[i]
-        arr[self.m.nvcpus] = &vc.v
-        free(self.m.vcpus)
-        self.m.vcpus = arr
-        self.m.nvcpus += 1
-        self._vcpus.append(vc)
-        return vc
+        """A registered vCPU core without a ring (tests and benches)."""
+        return self.add_vcpu(vcpu_id)
 
+    def overlaps(self, sid, base_gfn, npages):
+        """True if [base_gfn, base_gfn + npages) meets a slot of sid's address space other than sid (O(log n))."""
+        cdef uint32_t sid32 = sid, asid = sid32 >> 16
+        cdef uint64_t base = base_gfn, end = base + <uint64_t>npages
+        cdef size_t pos
+        cdef kd_slot *s
+        if asid > 1:
+            return False
+        # Slots of one address space never overlap, so sorted by base they are
+        # sorted by end too: the last one starting below end (not sid) decides.
+        pos = _sorted_pos(self.m, asid, end)
+        while pos > 0:
+            pos -= 1
+            s = self.m.sorted[asid][pos]
+            if s.id != sid32:
+                return s.base_gfn + s.npages > base
+        return False
+
+    @property
+    def nvcpus(self):
+        return self.m.nvcpus
+
+    @property
+    def nslots(self):
+        return self.m.nslots
+
+    # -- harvest-side helpers (the caller holds the slots lock) ------------------
     def protect(self, uint32_t sid, uint64_t first_page, uint64_t mask):
         """Masked write-protect (as a harvest does); False if dropped."""
         cdef int r
@@ -552,6 +1168,21 @@ cdef class Mmu:
                     kd_store_relaxed_u64(&s.writable[i], 0)
             _flush_remote_tlbs(self.m)
 
+    def merge_dirty(self, uint32_t sid, const uint64_t[::1] words not None, size_t first_word=0):
+        """Give bits back to slot ``sid``'s dirty bitmap (atomic fetch-or): a failed harvest's snapshot."""
+        cdef kd_slot *s = _slot_by_id(self.m, sid)
+        cdef uint64_t *d
+        cdef size_t i, n = words.shape[0]
+        if s == NULL:
+            raise KeyError(sid)
+        d = <uint64_t *>kd_load_acquire_ptr(<void **>&s.dirty)
+        if d == NULL or first_word + n > ((s.npages + 63) >> 6):
+            raise ValueError("no dirty bitmap, or the words run past it")
+        with nogil:
+            for i in range(n):
+                if words[i]:
+                    kd_fetch_or_u64(&d[first_word + i], words[i])
+
     def set_tracker(self, tracker):
         """Log through a seed-era design (an object with a ``_kd_tracker`` capsule), or None for KVM's own."""
         cdef kd_tracker *t = NULL
@@ -566,19 +1197,25 @@ cdef class Mmu:
     def host_write(self, const uint64_t[::1] gfns not None, uint64_t value):
         """Write ``value`` to pages as the host does (kvm_write_guest): no vCPU, no TLB.
 
-        Logged pages are marked through the design's tracker (vcpu KD_NO_VCPU)
-        or the slot's dirty bitmap; a ring-only upstream VM cannot log them
-        (KVM warns), so they are not logged.  Returns the writes done; stops at
-        the first page outside every slot or that the tracker refuses.
+        Takes the slots lock for reading.  Logged pages are marked through the
+        design's tracker (vcpu KD_NO_VCPU) or the slot's dirty bitmap; a
+        ring-only upstream VM has no bitmap, so they are not logged.  Returns
+        the writes done; stops at the first page outside every slot or that
+        the tracker refuses.
         """
-        cdef size_t i, si, n = gfns.shape[0]
+        cdef size_t i, n = gfns.shape[0]
         cdef kd_slot *s
         cdef uint64_t rel
         cdef uint64_t *d
         cdef int r
+        self._check_live("write_guest")
+        _read_lock(self.m)
+        if self.m.closed:
+            _read_unlock(self.m)
+            raise _vm_error(errno.EBADF, "write_guest", "the VM is closed")
         with nogil:
             for i in range(n):
-                s = _slot_by_gfn(self.m, gfns[i], &si)
+                s = _slot_by_gfn(self.m, gfns[i])
                 if s == NULL or s.flags & KVM_MEM_READONLY:
                     break
                 rel = gfns[i] - s.base_gfn
@@ -594,11 +1231,20 @@ cdef class Mmu:
                 kd_store_relaxed_u64(&s.values[rel], value)
             else:
                 i = n
+        _read_unlock(self.m)
         return i
 
     def flush_remote_tlbs(self):
+        """kvm_flush_remote_tlbs (the caller holds the slots lock)."""
+        cdef size_t retired = len(self._retired)
+        if self.m.forked:
+            raise _vm_error(errno.EIO, "flush", "the VM belongs to the parent process")
         with nogil:
             _flush_remote_tlbs(self.m)
+        if not (self.m.faults & (F_SKIP_FLUSH | F_NO_FLUSH_WAIT)):
+            # Every vCPU in guest mode passed a request check since the flush
+            # began, i.e. finished any write that loaded a pointer retired before it.
+            del self._retired[:retired]
 
     property log_every_write:
         def __get__(self):
@@ -622,5 +1268,25 @@ cdef class Mmu:
 
     @property
     def stats(self):
-        return {"protects": self.m.protects, "protect_dropped": self.m.protect_dropped,
-                "flushes": self.m.flushes}
+        """MMU counters plus every vCPU's, summed (a consistent vCPU set: no Python code runs meanwhile)."""
+        cdef size_t i
+        cdef kd_vcpu *v
+        cdef uint64_t writes = 0, hits = 0, faults = 0, logged = 0
+        for i in range(self.m.nvcpus):
+            v = self.m.vcpus[i]
+            writes += kd_load_relaxed_u64(&v.writes)
+            hits += kd_load_relaxed_u64(&v.tlb_hits)
+            faults += kd_load_relaxed_u64(&v.faults)
+            logged += kd_load_relaxed_u64(&v.dirty_logged)
+        return {"protects": kd_load_relaxed_u64(&self.m.protects),
+                "protect_dropped": kd_load_relaxed_u64(&self.m.protect_dropped),
+                "flushes": kd_load_relaxed_u64(&self.m.flushes),
+                "writes": writes, "tlb_hits": hits, "faults": faults, "dirty_logged": logged}
+
+
+def _after_fork_in_child():
+    for mmu in list(_live_mmus):
+        (<Mmu>mmu)._after_fork_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
