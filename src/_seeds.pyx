@@ -12,18 +12,22 @@ write, and still_full() while the vCPU has a full request pending.
   and frees what user space fetched.
 - SharedRingTracker: one flags ring (a kvmdirty._ring.DirtyRing) for every
   vCPU; writers reserve entries with compare-exchange (seed 002's review).
-- protect_bitmap: the masked write-protect of a retired switched bitmap (seed 003).
+- switch_bitmaps / protect_bitmap: the switch of seed 003's double-buffered
+  bitmaps and the masked write-protect of a retired one.
 """
 from cpython.pycapsule cimport PyCapsule_New, PyCapsule_IsValid, PyCapsule_GetPointer
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
+from libc.string cimport memset
 
 import numpy as np
+
+from . import _bitmap
 
 from _atomic cimport (kd_load_acquire_u16, kd_load_relaxed_u16, kd_store_release_u16,
                       kd_load_acquire_u32, kd_load_relaxed_u32, kd_store_relaxed_u32,
                       kd_store_release_u32, kd_cmpxchg_u32, kd_fetch_add_u64,
-                      kd_load_relaxed_u64, kd_load_acquire_ptr, kd_store_release_ptr,
+                      kd_load_relaxed_u64, kd_fetch_or_u64, kd_load_acquire_ptr, kd_store_release_ptr,
                       kd_cpu_relax, kd_popcount64)
 from _sink cimport (kd_sink, kd_tracker, kd_owned_capsule, KD_TRACKER_CAPSULE, KD_RING_CAPSULE,
                    KD_NO_VCPU)
@@ -450,6 +454,40 @@ def push_many_shared(ring, const uint32_t[::1] slots not None, const uint64_t[::
 
 # ---------------------------------------------------------------- switched bitmaps
 
+cdef int _protect_words(const uint64_t *words, size_t n, uint64_t last_mask, kd_sink *cs,
+                        uint32_t slot, uint64_t *pages, uint64_t *batches,
+                        uint64_t *dropped) noexcept nogil:
+    """Masked write-protect of every set bit of words[0:n] (the last word ANDed with last_mask)."""
+    cdef size_t i
+    cdef uint64_t w
+    for i in range(n):
+        # Relaxed: the flush that retired this bitmap ordered every vCPU's
+        # fetch-or into it before us (its acknowledgement is a release).
+        w = kd_load_relaxed_u64(&words[i])
+        if i + 1 == n:
+            w &= last_mask
+        if w:
+            pages[0] += kd_popcount64(w)
+            batches[0] += 1
+            if cs.protect(cs.ctx, slot, <uint64_t>i * 64, w) == 0:
+                dropped[0] += 1
+    return 0
+
+
+cdef size_t _nwords_and_mask(object npages, size_t n, uint64_t *last_mask) except? 0:
+    """Words of a bitmap that cover ``npages`` (at most n) and the mask of the last one."""
+    last_mask[0] = <uint64_t>-1
+    if npages is None:
+        return n
+    if not isinstance(npages, int) or npages < 0:
+        raise ValueError("npages must be a non-negative int")
+    if (npages + 63) >> 6 < n:
+        n = (npages + 63) >> 6
+    if npages & 63 and n == (npages + 63) >> 6:
+        last_mask[0] = ((<uint64_t>1) << (npages & 63)) - 1
+    return n
+
+
 def protect_bitmap(const uint64_t[::1] words not None, sink, unsigned int slot, npages=None):
     """Masked write-protect of every set bit of a retired (quiescent) bitmap.
 
@@ -465,29 +503,14 @@ def protect_bitmap(const uint64_t[::1] words not None, sink, unsigned int slot, 
     cap = getattr(sink, "_kd_sink", None) if sink is not None else None
     cdef int kind = kd_sink_resolve(sink, cap, &cs)
     cdef size_t i, n = words.shape[0]
-    cdef uint64_t w, pages = 0, batches = 0, dropped = 0, last_mask = <uint64_t>-1
+    cdef uint64_t w, pages = 0, batches = 0, dropped = 0, last_mask
     if n and (<uintptr_t>&words[0]) & 7:
         raise ValueError("words must be 8-byte aligned")
-    if npages is not None:
-        if npages < 0:
-            raise ValueError("npages must be non-negative")
-        if (npages + 63) >> 6 < n:
-            n = (npages + 63) >> 6
-        if npages & 63 and n == (npages + 63) >> 6:
-            last_mask = ((<uint64_t>1) << (npages & 63)) - 1
-    if kind == KD_SINK_C:
+    n = _nwords_and_mask(npages, n, &last_mask)
+    if kind == KD_SINK_C and n:
+        # ``words`` (a typed memoryview) keeps the buffer exported for the whole loop.
         with nogil:
-            for i in range(n):
-                # Relaxed: the flush that retired this bitmap ordered every
-                # vCPU's fetch-or into it before us (its ack is a release).
-                w = kd_load_relaxed_u64(&words[i])
-                if i + 1 == n:
-                    w &= last_mask
-                if w:
-                    pages += kd_popcount64(w)
-                    batches += 1
-                    if cs.protect(cs.ctx, slot, <uint64_t>i * 64, w) == 0:
-                        dropped += 1
+            _protect_words(&words[0], n, last_mask, cs, slot, &pages, &batches, &dropped)
     elif kind == KD_SINK_PY:
         for i in np.flatnonzero(np.asarray(words)[:n]):
             w = words[i] & (last_mask if i + 1 == n else <uint64_t>-1)
@@ -498,3 +521,102 @@ def protect_bitmap(const uint64_t[::1] words not None, sink, unsigned int slot, 
             if sink(slot, int(i) * 64, int(w)) is False:
                 dropped += 1
     return pages, batches, dropped
+
+
+def switch_bitmaps(mmu, dict active, dict other, list sids, list news, dict npages,
+                   bint zero_news, bint flush_first, bint offsets):
+    """KVM_SWITCH_DIRTY_LOG of every slot in ``sids`` at once (seed 003).
+
+    Protocol (the order KVM's get_dirty_log_protect keeps, with a pointer swap
+    in place of the xchg of each word):
+      1. Each new bitmap is (optionally) zeroed while no vCPU can reach it, then
+         published as the slot's active bitmap: store-release of the pointer,
+         paired with the write loop's load-acquire in _mark_dirty.
+      2. One remote TLB flush: every vCPU in guest mode passes a request check,
+         so no write still in flight uses an old pointer (what synchronize_srcu
+         gives the kernel).  The old bitmaps are quiescent from here on.
+      3. Every page set in an old bitmap is write-protected (masked protect).
+      4. A second flush drops the writable TLB entries of those pages.  A write
+         between 3 and 4 through such an entry is not logged, and need not be:
+         its page is already in the old bitmap the caller receives (step 5).
+      5. Returns the old bitmaps (or, with ``offsets``, each old bitmap's set
+         pages below npages; if that fails the bits go back, see or_back).
+    The bookkeeping (``active[sid] = new``, ``other[sid] = old``) is done
+    between 1 and 2, where nothing can fail.
+
+    The caller holds the VM's slot lock for reading (no memslot change) and
+    the design's mutex (one switch at a time: two would take one spare).
+    No Python code runs between the steps, so an interrupt cannot split them;
+    a failure before step 2 puts back every pointer already swapped.
+    """
+    cdef Py_ssize_t k, n = len(sids)
+    cdef uint64_t[::1] w
+    cdef kd_sink *cs = NULL
+    cdef uint64_t pages = 0, batches = 0, dropped = 0, last_mask
+    cdef size_t nw
+    cdef uint32_t sid32
+    if len(news) != n:
+        raise ValueError("one new bitmap per slot")
+    cap = mmu._kd_sink
+    if kd_sink_resolve(mmu, cap, &cs) != KD_SINK_C:
+        raise TypeError("mmu must offer a kd_sink capsule")
+    olds = [active[sid] for sid in sids]           # KeyError here changes nothing
+    for k in range(n):
+        w = news[k]
+        if <size_t>w.shape[0] < (<size_t>npages[sids[k]] + 63) >> 6:
+            raise ValueError(f"bitmap for slot {sids[k]:#x} is too small")
+    if zero_news:
+        for k in range(n):
+            w = news[k]
+            if w.shape[0]:
+                memset(&w[0], 0, w.shape[0] * sizeof(uint64_t))
+    k = 0
+    try:
+        while k < n:                                # 1
+            mmu.set_dirty(sids[k], news[k])
+            k += 1
+    except BaseException:
+        while k > 0:                                # put back what was swapped
+            k -= 1
+            mmu.set_dirty(sids[k], olds[k])
+        raise
+    for k in range(n):                              # 5 (bookkeeping, no failure point)
+        active[sids[k]] = news[k]
+        other[sids[k]] = olds[k]
+    mmu.flush_remote_tlbs()                         # 2
+    for k in range(n):                              # 3
+        w = olds[k]
+        nw = _nwords_and_mask(npages[sids[k]], w.shape[0], &last_mask)
+        sid32 = sids[k]
+        if nw:
+            with nogil:
+                _protect_words(&w[0], nw, last_mask, cs, sid32, &pages, &batches, &dropped)
+    if pages and not flush_first:
+        mmu.flush_remote_tlbs()                     # 4
+    if not offsets:
+        return olds
+    try:
+        out = []
+        for k in range(n):
+            got = _bitmap.to_gfns(olds[k])
+            out.append(got[got < npages[sids[k]]])
+    except BaseException:
+        # (MemoryError) Never drop taken bits: back into the active bitmaps.
+        for k in range(n):
+            or_back(news[k], olds[k])
+        raise
+    return out
+
+
+def or_back(uint64_t[::1] active not None, const uint64_t[::1] taken not None):
+    """Put bits taken out of a bitmap back into the live one (atomic fetch-or per word).
+
+    For error paths: a harvest that cannot hand its pages over returns them
+    to the active bitmap, where the next harvest reports them.
+    """
+    cdef size_t i, n = min(active.shape[0], taken.shape[0])
+    with nogil:
+        for i in range(n):
+            if taken[i]:
+                # acq_rel, as the write loop's fetch-or into the same words.
+                kd_fetch_or_u64(&active[i], taken[i])
