@@ -36,6 +36,7 @@ from . import _bitmap, _mmu, _seeds
 from ._ring import DirtyRing
 from .api import EXIT_DIRTY_LOG_FULL
 from .errors import KvmError
+from .limits import MAX_VCPU_IDS
 
 __all__ = ["DESIGNS", "Design", "create_design", "IndexedRingDesign", "SharedRingDesign",
            "SwitchedBitmapDesign", "SwitchedBitmapUserDesign", "EXIT_DIRTY_LOG_FULL"]
@@ -86,7 +87,11 @@ def _merge(parts: Dict[int, List[np.ndarray]]) -> Harvest:
 
 
 class _RingDesign:
-    """What the two ring designs share: tracker install and the reset-then-flush."""
+    """What the two ring designs share: tracker install and the reset-then-flush.
+
+    ``_mutex`` serialises the design's collect/reset/harvest calls (KVM holds
+    slots_lock for a reset); it is taken inside the VM's slot lock.
+    """
 
     name = ""
     tracker: object
@@ -94,6 +99,7 @@ class _RingDesign:
     def __init__(self, vm) -> None:
         self.vm = vm
         self._installed = False
+        self._mutex = threading.Lock()
 
     def install(self) -> None:
         if not self._installed:
@@ -117,13 +123,16 @@ class IndexedRingDesign(_RingDesign):
     ``fetch()``, ``avail_index``, ``fetch_index``, ``gfns``) and
     ``reset_dirty_pages()`` (KVM_RESET_DIRTY_PAGES).  A vCPU whose list
     reaches its limit exits with EXIT_DIRTY_LOG_FULL until a reset.
+    The lists are user space's mappings: they stay readable after close();
+    the ioctls (reset, harvest) then fail with EBADF.
     """
 
     name = "indexed-ring"
 
     def __init__(self, vm, entries: int = 4096) -> None:
         super().__init__(vm)
-        self.rings = _seeds.IndexedRingSet(entries)
+        # One list per vCPU id the VM accepts (KVM_MAX_VCPU_IDS), so vcpu_created cannot refuse one.
+        self.rings = _seeds.IndexedRingSet(entries, getattr(vm, "max_vcpu_ids", MAX_VCPU_IDS))
         self.tracker = self.rings
 
     def vcpu_created(self, vcpu_id: int) -> None:
@@ -136,25 +145,32 @@ class IndexedRingDesign(_RingDesign):
     def vm_ring(self) -> "_seeds.IndexedRing":
         return self.rings.vm_ring
 
+    def _flush(self) -> Optional[Callable[[], None]]:
+        return self.vm.mmu.flush_remote_tlbs
+
     def reset_dirty_pages(self, flush: bool = True) -> int:
         """KVM_RESET_DIRTY_PAGES: re-protect what user space fetched, free it, flush TLBs if any.
 
-        EINVAL if a ring's fetch_index lies beyond what the kernel pushed.
+        EINVAL (nothing changed) if a ring's fetch_index lies beyond what the kernel pushed.
         """
         with _reading(self.vm):
-            n = self.rings.reset(_reset_sink(self.vm))
-            if n < 0:
-                raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_PAGES",
-                               "a fetch_index is beyond what the kernel pushed")
-            if n and flush:
-                self.vm.mmu.flush_remote_tlbs()
+            _check_open(self.vm, "KVM_RESET_DIRTY_PAGES")
+            n = self.rings.reset(_reset_sink(self.vm), self._flush() if flush else None)
+        if n < 0:
+            raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_PAGES",
+                           "a fetch_index is beyond what the kernel pushed")
         return n
 
     def harvest(self) -> Harvest:
+        """Fetch every list and reset them as one step: all or nothing (fetch indexes put back)."""
+        with _reading(self.vm):
+            _check_open(self.vm, "KVM_RESET_DIRTY_PAGES")
+            got = self.rings.harvest(_reset_sink(self.vm), self._flush())
+        if got is None:
+            raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_PAGES",
+                           "a fetch_index is beyond what the kernel pushed")
         parts: Dict[int, List[np.ndarray]] = {}
-        for r in self.rings.rings:
-            _group(*r.fetch(), parts)
-        self.reset_dirty_pages()
+        _group(*got, parts)
         return _merge(parts)
 
 
@@ -163,7 +179,9 @@ class SharedRingDesign(_RingDesign):
 
     User API: ``ring`` (a kvmdirty._ring.DirtyRing: ``collect()``, ``gfns``)
     and ``reset()`` (re-protect harvested entries, then flush).  vCPUs exit
-    with DIRTY_RING_FULL while the ring is soft-full.
+    with DIRTY_RING_FULL while the ring is soft-full.  The design's collect,
+    reset and harvest are serialised; calling ``ring.collect`` directly from
+    several threads is DirtyRing's business (it refuses).
     """
 
     name = "shared-ring"
@@ -174,19 +192,34 @@ class SharedRingDesign(_RingDesign):
         self.tracker = _seeds.SharedRingTracker(self.ring)
 
     def collect(self, max_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        return self.ring.collect(max_count)
+        """User space's harvest of the shared ring (its mapping: works after close too)."""
+        with self._mutex:
+            return self.ring.collect(max_count)
+
+    def _reset_locked(self, flush: bool) -> int:
+        mmu = self.vm.mmu
+        try:
+            n = self.ring.reset(_reset_sink(self.vm))
+        except BaseException:
+            if flush:
+                mmu.flush_remote_tlbs()     # whatever it re-protected before failing
+            raise
+        if n and flush:
+            mmu.flush_remote_tlbs()
+        return n
 
     def reset(self, flush: bool = True) -> int:
-        with _reading(self.vm):
-            n = self.ring.reset(_reset_sink(self.vm))
-            if n and flush:
-                self.vm.mmu.flush_remote_tlbs()
-        return n
+        with _reading(self.vm), self._mutex:
+            _check_open(self.vm, "KVM_RESET_DIRTY_RINGS")
+            return self._reset_locked(flush)
 
     def harvest(self) -> Harvest:
         parts: Dict[int, List[np.ndarray]] = {}
-        _group(*self.ring.collect(), parts)
-        self.reset()
+        with _reading(self.vm), self._mutex:
+            _check_open(self.vm, "KVM_RESET_DIRTY_RINGS")
+            got = self.ring.collect()
+            self._reset_locked(True)
+        _group(*got, parts)
         return _merge(parts)
 
 

@@ -184,3 +184,393 @@ def test_switched_harvest_racing_slot_deletion_loses_nothing(design):
         assert page in reported, f"trial {trial}: page {page} lost"
 
 
+# -- indexed-ring: concurrent collectors (issue 10, item 14) ----------------------------
+
+def test_indexed_ring_two_fetchers_get_each_entry_once():
+    """Two threads fetching one list are serialised: each entry once, the header stays sane."""
+    s = _seeds.IndexedRingSet(4096)
+    r = s.add_vcpu(0)
+    for trial in range(100):
+        for i in range(3000):
+            r.push(1, trial * 3000 + i)
+        got = [[], []]
+        errs = _race(lambda: got[0].append(r.fetch()[1]), lambda: got[1].append(r.fetch()[1]))
+        assert not errs, errs
+        offs = np.concatenate(got[0] + got[1]).tolist()
+        assert sorted(offs) == list(range(trial * 3000, trial * 3000 + 3000)), f"trial {trial}"
+        assert r.count == 0
+        assert s.reset() == 3000 and r.used == 0
+
+
+def test_indexed_ring_concurrent_harvests_with_running_vcpu_lose_nothing():
+    """A vCPU writes while two collectors harvest: every page reported, never EINVAL, never wedged."""
+    vm = _vm("indexed-ring", npages=1 << 13, entries=128)
+    d = vm.design
+    v = vm.create_vcpu(0)
+    plan = BASE_GFN + np.random.default_rng(9).permutation(1 << 13).astype(np.uint64)
+    seen = set()
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def writer():
+        try:
+            ex = v.run(plan, 1)
+            spins = 0
+            while not ex.done:
+                spins += 1
+                assert spins < 10 ** 6, "vCPU wedged in DIRTY_LOG_FULL"
+                ex = v.run()
+        finally:
+            done.set()
+
+    def collector():
+        while not done.is_set():
+            got = d.harvest().get(0, np.zeros(0, np.uint64))
+            with lock:
+                seen.update(got.tolist())
+
+    errs = _race(writer, collector, collector)
+    assert not errs, errs
+    seen.update(d.harvest().get(0, np.zeros(0)).tolist())
+    assert seen == set(range(1 << 13))
+    for r in d.rings.rings:
+        assert r.used == 0 and r.count == 0
+
+
+def test_indexed_ring_concurrent_resets_keep_the_kernel_indexes():
+    """Resets racing each other and fetches: used never exceeds the ring, every reset succeeds."""
+    s = _seeds.IndexedRingSet(256)
+    r = s.add_vcpu(0)
+    total = [0]
+    for trial in range(100):
+        for i in range(200):
+            r.push(0, i)
+
+        def fetch_reset():
+            r.fetch(max_count=50)
+            n = s.reset()
+            assert n >= 0
+            total[0] += n
+
+        errs = _race(fetch_reset, fetch_reset, lambda: s.reset())
+        assert not errs, errs
+        assert 0 <= r.used <= 256
+        r.fetch()
+        assert s.reset() >= 0 and r.used == 0, trial
+
+
+@pytest.mark.parametrize("design", ["shared-ring", "indexed-ring"])
+def test_ring_design_concurrent_collect_and_reset(design):
+    """The design's own collect/reset API from two threads: serialised, nothing lost or doubled."""
+    vm = _vm(design, npages=4096, entries=4096)
+    d = vm.design
+    v = vm.create_vcpu(0)
+    for trial in range(60):
+        pages = (trial * 50 + np.arange(50)) % 4096
+        v.run((BASE_GFN + pages).astype(np.uint64), trial + 1)
+        got = []
+        errs = _race(lambda: got.append(d.harvest()), lambda: got.append(d.harvest()))
+        assert not errs, errs
+        offs = [o for h in got for o in h.get(0, np.zeros(0)).tolist()]
+        assert sorted(offs) == sorted(pages.tolist()), trial
+
+
+# -- indexed-ring: failures change nothing, nothing fetched is lost ---------------------
+
+class _Interrupting:
+    """A Python reset sink that raises KeyboardInterrupt (a Ctrl-C) on its n-th batch."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, slot, first, mask):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return True
+
+
+def test_indexed_reset_interrupted_in_sink_keeps_every_entry():
+    """Ctrl-C inside the sink: no entry freed in any ring (before: freed, never re-protected)."""
+    s = _seeds.IndexedRingSet(128)
+    rings = [s.add_vcpu(0), s.add_vcpu(1)]
+    for r in rings:
+        for off in (1, 100, 200):                  # three batches per ring
+            r.push(0, off)
+        r.fetch()
+    with pytest.raises(KeyboardInterrupt):
+        s.reset(_Interrupting(4))                  # ring 0's three batches, then ring 1's first
+    assert [r.used for r in rings] == [3, 3]
+    calls = []
+    assert s.reset(lambda *a: calls.append(a)) == 6 and len(calls) == 6
+    assert [r.used for r in rings] == [0, 0]
+
+
+def test_indexed_reset_failure_after_protect_flushes():
+    """A reset that re-protected anything flushes TLBs even when it then fails."""
+    s = _seeds.IndexedRingSet(128)
+    r = s.add_vcpu(0)
+    r.push(0, 1)
+    r.push(0, 100)
+    r.fetch()
+    flushes = []
+    with pytest.raises(KeyboardInterrupt):
+        s.reset(_Interrupting(2), lambda: flushes.append(1))
+    assert flushes == [1] and r.used == 2
+    assert s.reset(lambda *a: True, lambda: flushes.append(2)) == 2 and flushes == [1, 2]
+    assert s.reset(lambda *a: True, lambda: flushes.append(3)) == 0 and flushes == [1, 2]
+
+
+def test_indexed_harvest_corrupt_header_elsewhere_loses_nothing():
+    """A harvest that fails on one ring's header puts every fetch_index back.
+
+    Before the fix the rings fetched before the bad one were consumed and
+    their pages never reported.
+    """
+    vm = _vm("indexed-ring", npages=256, entries=128)
+    d = vm.design
+    v = vm.create_vcpu(0)
+    v.run(np.array([BASE_GFN + 5, BASE_GFN + 6], np.uint64), 1)
+    d.vm_ring.fetch_index = 1000                  # (u16)(0 - 1000) entries "available"
+    with pytest.raises((ValueError, KvmError)):
+        d.harvest()
+    assert d.ring(0).count == 2 and d.ring(0).used == 2
+    d.vm_ring.fetch_index = 0
+    assert sorted(d.harvest()[0].tolist()) == [5, 6]
+
+
+def test_indexed_harvest_memory_error_puts_fetches_back(monkeypatch):
+    """MemoryError while assembling the harvest: nothing reset, nothing fetched, all reported later."""
+    vm = _vm("indexed-ring", npages=256, entries=128)
+    d = vm.design
+    v = vm.create_vcpu(0)
+    v.run(np.array([BASE_GFN + 5], np.uint64), 1)
+    vm.write_guest(np.array([BASE_GFN + 9], np.uint64), 2)
+
+    class NoConcat:
+        def __getattr__(self, name):
+            if name == "concatenate":
+                raise MemoryError
+            return getattr(np, name)
+
+    monkeypatch.setattr(_seeds, "np", NoConcat())
+    with pytest.raises(MemoryError):
+        d.harvest()
+    monkeypatch.undo()
+    assert d.ring(0).count == 1 and d.vm_ring.count == 1
+    assert sorted(d.harvest()[0].tolist()) == [5, 9]
+
+
+def test_indexed_full_list_republishes_scribbled_avail_index():
+    """A user scribble on avail_index of a full list is undone at the next run: no wedge.
+
+    Before the fix avail_index stayed garbage while the list was full (no
+    push to rewrite it), so user space could not tell what to fetch.
+    """
+    vm = _vm("indexed-ring", npages=256, entries=128)
+    d = vm.design
+    v = vm.create_vcpu(0)
+    ex = v.run(BASE_GFN + np.arange(200, dtype=np.uint64), 1)
+    assert not ex.done
+    r = d.ring(0)
+    pushed = r.avail_index
+    r.gfns["pad"][0] = (r.gfns["pad"][0] & 0xFFFF0000) | 0x1234      # avail := 0x1234
+    assert r.avail_index == 0x1234
+    assert not v.run().done                              # still full: exits again
+    assert r.avail_index == pushed
+    r.fetch()
+    assert d.reset_dirty_pages() == pushed
+    while not ex.done:
+        d.harvest()
+        ex = v.run()
+
+
+# -- indexed-ring: the VM's vCPU table and its limits (issue 10, item 18) ----------------
+
+def test_indexed_vcpu_table_follows_the_vms_max_vcpu_ids():
+    """create_vcpu(20000) on a VM that allows it gets its own list (before: raised, vCPU created)."""
+    from kvmdirty import limits
+    assert _seeds.MAX_VCPU_IDS is limits.MAX_VCPU_IDS
+    assert _seeds.IndexedRingSet(128).max_vcpu_ids == limits.MAX_VCPU_IDS
+    vm = _vm("indexed-ring", npages=256, entries=128, max_vcpu_ids=1 << 15)
+    v = vm.create_vcpu(20000)
+    v.run(np.array([BASE_GFN + 3], np.uint64), 1)
+    assert vm.design.ring(20000).count == 1 and vm.design.vm_ring.count == 0
+    vm2 = _vm("indexed-ring", npages=256, entries=128)
+    with pytest.raises(KvmError) as e:
+        vm2.create_vcpu(limits.MAX_VCPU_IDS)
+    assert e.value.errno == errno.EINVAL and not vm2.vcpus
+    with pytest.raises(ValueError):
+        vm2.design.ring(limits.MAX_VCPU_IDS)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1 << 21, "8", 2.0, True])
+def test_indexed_ring_set_bad_max_vcpu_ids(bad):
+    with pytest.raises((TypeError, ValueError)):
+        _seeds.IndexedRingSet(128, bad)
+
+
+# -- use after close: every seed ioctl is EBADF (issue 10, item 18) ----------------------
+
+@pytest.mark.parametrize("design", ["indexed-ring", "shared-ring", "switched-bitmap", "switched-bitmap-user"])
+def test_seed_ioctls_after_close_are_ebadf(design):
+    vm = _vm(design, npages=256)
+    d = vm.design
+    v = vm.create_vcpu(0)
+    v.run(np.array([BASE_GFN + 1], np.uint64), 1)
+    vm.close()
+    calls = [d.harvest]
+    if design == "indexed-ring":
+        calls.append(d.reset_dirty_pages)
+        assert d.ring(0).fetch()[1].tolist() == [1]     # user space's mapping stays readable
+    elif design == "shared-ring":
+        calls.append(d.reset)
+        assert d.collect()[1].tolist() == [1]
+    elif design == "switched-bitmap":
+        calls += [lambda: d.switch(0), lambda: d.addresses(0)]
+    else:
+        calls.append(lambda: d.switch(0, np.zeros(4, np.uint64)))
+    for call in calls:
+        with pytest.raises(KvmError) as e:
+            call()
+        assert e.value.errno == errno.EBADF
+
+
+# -- compiled classes built directly from Python (issue 10, item 2) ----------------------
+
+def test_seed_classes_are_valid_when_built_directly():
+    from kvmdirty._ring import DirtyRing
+    r = _seeds.IndexedRing(128)
+    assert r.push(1, 2) == 0 and r.fetch()[1].tolist() == [2] and r.stats["pushes"] == 1
+    s = _seeds.IndexedRingSet(128)
+    s.add_vcpu(3).push(0, 7)
+    s.ring(3).fetch()
+    assert s.reset() == 1 and s._kd_tracker is not None
+    ring = DirtyRing(4096)
+    t = _seeds.SharedRingTracker(ring)
+    assert t.ring is ring and t._kd_tracker is not None
+    assert _seeds.push_many_shared(ring, np.zeros(3, np.uint32), np.arange(3, dtype=np.uint64)) == 3
+
+
+@pytest.mark.parametrize("cls", [_seeds.IndexedRing, _seeds.IndexedRingSet, _seeds.SharedRingTracker])
+def test_seed_classes_refuse_half_construction(cls):
+    import copy
+    import pickle
+    with pytest.raises(TypeError):
+        cls.__new__(cls)                              # __cinit__ needs its arguments
+    with pytest.raises(TypeError):
+        cls()
+    if cls is _seeds.SharedRingTracker:
+        from kvmdirty._ring import DirtyRing
+        obj = cls(DirtyRing(4096))
+    else:
+        obj = cls(128)
+    with pytest.raises(TypeError):
+        pickle.dumps(obj)                             # raw pointers: no auto-pickle
+    with pytest.raises(TypeError):
+        copy.copy(obj)
+
+
+def test_shared_ring_counts_pushes():
+    """The shared ring's pushes statistic counts vCPU pushes (it read 0 before)."""
+    vm = _vm("shared-ring", npages=256, entries=4096)
+    v = vm.create_vcpu(0)
+    v.run(BASE_GFN + np.arange(10, dtype=np.uint64), 1)
+    assert vm.design.ring.stats["pushes"] == 10
+
+
+# -- user space scribbling on the indexed lists: a hypothesis fuzzer (issue 10, item 14) --
+
+def _recover_and_drain(vm, d, vcpus, npages):
+    """The documented recovery: after a write republishes avail_index, fetch_index := avail_index."""
+    for v in vcpus:
+        v.run(np.array([BASE_GFN], np.uint64), 0xAA)
+    vm.write_guest(np.array([BASE_GFN + 1], np.uint64), 0xAB)
+    for r in d.rings.rings:
+        r.fetch_index = r.avail_index
+        assert r.count == 0
+    assert d.reset_dirty_pages() >= 0
+    # Now every vCPU must finish a plan bigger than its list: no wedge.
+    plan = BASE_GFN + np.arange(npages, dtype=np.uint64)
+    for v in vcpus:
+        ex = v.run(plan, 0xAC)
+        for _ in range(10 * npages):
+            if ex.done:
+                break
+            d.harvest()
+            ex = v.run()
+        assert ex.done
+    d.harvest()
+    for r in d.rings.rings:
+        assert r.used == 0 and r.count == 0
+
+
+try:
+    from hypothesis import HealthCheck, given, settings, strategies as st
+except ImportError:                                      # pragma: no cover
+    st = None
+
+
+if st is not None:
+    _scribble = st.one_of(
+        st.tuples(st.just("fetch_index"), st.integers(0, 3), st.integers(0, 0xFFFF)),
+        st.tuples(st.just("avail_index"), st.integers(0, 3), st.integers(0, 0xFFFF)),
+        st.tuples(st.just("slot"), st.integers(0, 3), st.integers(0, 0xFFFFFFFF)),
+        st.tuples(st.just("offset"), st.integers(0, 3), st.integers(0, (1 << 64) - 1)),
+        st.tuples(st.just("pad"), st.integers(0, 3), st.integers(0, 0xFFFFFFFF)),
+        st.tuples(st.just("run"), st.integers(0, 1), st.integers(1, 300)),
+        st.tuples(st.just("host"), st.integers(0, 3), st.integers(1, 50)),
+        st.tuples(st.just("fetch"), st.integers(0, 3), st.integers(0, 200)),
+        st.tuples(st.just("reset"), st.integers(0, 3), st.integers(0, 0)),
+        st.tuples(st.just("harvest"), st.integers(0, 3), st.integers(0, 0)),
+    )
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops=st.lists(_scribble, max_size=40), entry=st.integers(0, 127))
+    def test_indexed_ring_survives_any_user_scribble(ops, entry):
+        """Whatever user space writes into the header or entries: no crash, the kernel's
+        indexes stay in range, every failure changes nothing, and the documented
+        recovery always un-wedges every vCPU."""
+        npages = 512
+        vm = _vm("indexed-ring", npages=npages, entries=128, log_every_write=True)
+        d = vm.design
+        vcpus = [vm.create_vcpu(0), vm.create_vcpu(1)]
+        rings = d.rings.rings                               # vCPU 0, vCPU 1, the VM's
+        rng = np.random.default_rng(entry)
+        for op, which, arg in ops:
+            r = rings[which % len(rings)]
+            g = r.gfns
+            if op == "fetch_index":
+                r.fetch_index = arg
+            elif op == "avail_index":
+                g["pad"][0] = (int(g["pad"][0]) & 0xFFFF0000) | arg
+            elif op in ("slot", "offset", "pad"):
+                g[op][entry % len(g)] = arg
+            elif op == "run":
+                vcpus[which].run(BASE_GFN + rng.integers(0, npages, arg).astype(np.uint64), arg)
+            elif op == "host":
+                vm.write_guest(BASE_GFN + rng.integers(0, npages, arg).astype(np.uint64), arg)
+            elif op == "fetch":
+                before = r.fetch_index
+                try:
+                    got = r.fetch(arg)
+                    assert len(got[0]) <= min(arg, r.entries)
+                except ValueError:
+                    assert r.fetch_index == before             # refused: nothing changed
+            elif op in ("reset", "harvest"):
+                used = [x.used for x in rings]
+                fetch = [x.fetch_index for x in rings]
+                try:
+                    if op == "reset":
+                        n = d.reset_dirty_pages()
+                        assert 0 <= n <= sum(used)
+                    else:
+                        d.harvest()
+                except (KvmError, ValueError) as e:
+                    if isinstance(e, KvmError):
+                        assert e.errno == errno.EINVAL
+                    assert [x.used for x in rings] == used       # nothing changed
+                    assert [x.fetch_index for x in rings] == fetch
+            for x in rings:
+                assert 0 <= x.used <= x.entries
+        _recover_and_drain(vm, d, vcpus, npages)
