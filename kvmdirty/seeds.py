@@ -169,9 +169,7 @@ class IndexedRingDesign(_RingDesign):
         if got is None:
             raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_PAGES",
                            "a fetch_index is beyond what the kernel pushed")
-        parts: Dict[int, List[np.ndarray]] = {}
-        _group(*got, parts)
-        return _merge(parts)
+        return got
 
 
 class SharedRingDesign(_RingDesign):
@@ -217,10 +215,11 @@ class SharedRingDesign(_RingDesign):
         parts: Dict[int, List[np.ndarray]] = {}
         with _reading(self.vm), self._mutex:
             _check_open(self.vm, "KVM_RESET_DIRTY_RINGS")
-            got = self.ring.collect()
+            # The result is built before the reset frees anything.
+            _group(*self.ring.collect(), parts)
+            out = _merge(parts)
             self._reset_locked(True)
-        _group(*got, parts)
-        return _merge(parts)
+        return out
 
 
 class _BitmapDesign:

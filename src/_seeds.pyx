@@ -462,10 +462,12 @@ cdef class IndexedRingSet:
             return self._reset(sink, flush)
 
     def harvest(self, sink=None, flush=None):
-        """Fetch every ring, then reset them: one step (concatenated slots, offsets).
+        """Fetch every ring, then reset them, as one step: {slot: offsets (uint64, fetch order)}.
 
-        All or nothing: if the reset fails (-1 -> returns None) or raises,
-        every fetch_index is put back, so nothing fetched is lost.
+        All or nothing: the result is built before the reset frees anything;
+        if the reset is refused (returns None) or anything raises (corrupt
+        header, MemoryError, a sink's Ctrl-C), every fetch_index is put back,
+        so nothing fetched is lost.
         """
         cdef IndexedRing r
         cdef list rings, starts, parts = []
@@ -480,10 +482,11 @@ cdef class IndexedRingSet:
                 try:
                     for r in rings:
                         parts.append(r._fetch(None))
+                    slots = np.concatenate([p[0] for p in parts])
+                    offs = np.concatenate([p[1] for p in parts])
+                    out = {int(sid): offs[slots == sid] for sid in np.unique(slots)}
                     if self._reset(sink, flush) < 0:
                         raise _ResetRefused()
-                    slots = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint32)
-                    offs = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint64)
                 except _ResetRefused:
                     for r, f in zip(rings, starts):
                         r._unfetch(f)
@@ -492,7 +495,7 @@ cdef class IndexedRingSet:
                     for r, f in zip(rings, starts):
                         r._unfetch(f)
                     raise
-                return slots, offs
+                return out
             finally:
                 for r in rings[:held]:
                     r._fetch_lock.release()

@@ -339,7 +339,8 @@ def test_indexed_harvest_corrupt_header_elsewhere_loses_nothing():
     assert sorted(d.harvest()[0].tolist()) == [5, 6]
 
 
-def test_indexed_harvest_memory_error_puts_fetches_back(monkeypatch):
+@pytest.mark.parametrize("failing", ["concatenate", "unique"])
+def test_indexed_harvest_memory_error_puts_fetches_back(monkeypatch, failing):
     """MemoryError while assembling the harvest: nothing reset, nothing fetched, all reported later."""
     vm = _vm("indexed-ring", npages=256, entries=128)
     d = vm.design
@@ -349,7 +350,7 @@ def test_indexed_harvest_memory_error_puts_fetches_back(monkeypatch):
 
     class NoConcat:
         def __getattr__(self, name):
-            if name == "concatenate":
+            if name == failing:
                 raise MemoryError
             return getattr(np, name)
 
@@ -358,6 +359,7 @@ def test_indexed_harvest_memory_error_puts_fetches_back(monkeypatch):
         d.harvest()
     monkeypatch.undo()
     assert d.ring(0).count == 1 and d.vm_ring.count == 1
+    assert d.ring(0).used == 1 and d.vm_ring.used == 1          # nothing freed
     assert sorted(d.harvest()[0].tolist()) == [5, 9]
 
 
