@@ -576,3 +576,205 @@ if st is not None:
             for x in rings:
                 assert 0 <= x.used <= x.entries
         _recover_and_drain(vm, d, vcpus, npages)
+
+
+# -- asynchronous Ctrl-C: interrupts leave every lock and index consistent -------------
+
+def _interrupt_storm(body, n=300, seed=0):
+    """Run body() in a loop in the main thread while another thread sends it n Ctrl-Cs.
+
+    A SIGINT handler raises KeyboardInterrupt only while body() is armed, so
+    the test's own loop (an except clause, the jump back) is never hit; an
+    interrupt that arrives while disarmed is counted and dropped.
+    """
+    import _thread
+    import random
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("interrupt_main needs the test in the main thread")
+    done, go = threading.Event(), threading.Event()
+    rnd = random.Random(seed)
+    state = {"armed": False, "raised": 0, "dropped": 0}
+
+    def on_sigint(signum, frame):
+        if state["armed"]:
+            state["armed"] = False
+            state["raised"] += 1
+            raise KeyboardInterrupt
+        state["dropped"] += 1
+
+    def interrupter():
+        go.wait()
+        for _ in range(n):
+            spin_until = rnd.random() * 2e-4
+            threading.Event().wait(spin_until)
+            _thread.interrupt_main()
+        done.set()
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    t = threading.Thread(target=interrupter)
+    caught = 0
+    try:
+        t.start()
+        go.set()
+        while not done.is_set():
+            try:
+                state["armed"] = True
+                body()
+                state["armed"] = False
+            except KeyboardInterrupt:
+                caught += 1
+        state["armed"] = False
+        t.join()
+        for _ in range(1000):                 # let a last pending interrupt be dropped
+            pass
+    finally:
+        state["armed"] = False
+        signal.signal(signal.SIGINT, old)
+    assert caught == state["raised"]
+    return caught
+
+
+def _in_thread(fn, timeout=10.0):
+    """Call fn in another thread; fail (instead of hanging) if a lock was left held."""
+    out, errs = [], []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as e:        # noqa: BLE001
+            errs.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "a lock was left held"
+    if errs:
+        raise errs[0]
+    return out[0]
+
+
+def test_interrupts_during_indexed_harvests_leave_rings_consistent():
+    s = _seeds.IndexedRingSet(1024)
+    r = s.add_vcpu(0)
+    stop = threading.Event()
+    pushed = [0]
+
+    def pusher():
+        while not stop.is_set():
+            if r.push(0, pushed[0] % 4096) >= 0:
+                pushed[0] += 1
+
+    p = threading.Thread(target=pusher)
+    p.start()
+    try:
+        caught = _interrupt_storm(lambda: (s.harvest(lambda *a: True), r.fetch(5), s.reset()))
+    finally:
+        stop.set()
+        p.join()
+    assert caught > 0
+    got = _in_thread(lambda: s.harvest(lambda *a: True))
+    assert got is not None and r.used == 0 and r.count == 0
+    assert r.fetch_index == r.avail_index == pushed[0] % 65536
+
+
+def test_interrupts_during_switches_leave_the_pair_consistent():
+    vm = _vm("switched-bitmap", npages=4096)
+    d = vm.design
+    v = vm.create_vcpu(0)
+    stop = threading.Event()
+    plan = BASE_GFN + np.arange(4096, dtype=np.uint64)
+
+    def writer():
+        while not stop.is_set():
+            v.run(plan, 1)
+
+    def switch():
+        with d._mutex:
+            d._switch([0], [d._other[0]], True, False)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    try:
+        caught = _interrupt_storm(switch)
+    finally:
+        stop.set()
+        w.join()
+    assert caught > 0
+    active, other = _in_thread(lambda: d.addresses(0))
+    assert not np.shares_memory(active, other)
+    d.harvest()
+    v.run(np.array([BASE_GFN + 7], np.uint64), 2)         # the MMU logs into the active bitmap
+    assert _in_thread(d.harvest)[0].tolist() == [7]
+
+
+# -- memory exhaustion ---------------------------------------------------------------------
+
+def test_switched_harvest_memory_error_puts_bits_back(monkeypatch):
+    """MemoryError listing the retired pages: the bits go back to the active bitmap, reported next."""
+    vm = _vm("switched-bitmap", slots=2, npages=256)
+    d = vm.design
+    v = vm.create_vcpu(0)
+    v.run(np.array([BASE_GFN + 3, BASE_GFN + 256 + 4], np.uint64), 1)
+
+    class NoGfns:
+        @staticmethod
+        def to_gfns(*a):
+            raise MemoryError
+
+    monkeypatch.setattr(_seeds, "_bitmap", NoGfns)
+    with pytest.raises(MemoryError):
+        d.harvest()
+    monkeypatch.undo()
+    h = d.harvest()
+    assert h[0].tolist() == [3] and h[1].tolist() == [4]
+
+
+_RLIMIT_SCRIPT = r"""
+import resource, sys
+import numpy as np
+from kvmdirty import _seeds, _uapi
+from kvmdirty.vm import VM
+
+vm = VM(design="indexed-ring", design_options={"entries": 4096})
+vm.set_user_memory_region(0, 0x100 << 12, 4096 << 12, _uapi.MEM_LOG_DIRTY_PAGES)
+v = vm.create_vcpu(0)
+v.run(0x100 + np.arange(1000, dtype=np.uint64), 1)
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (64 << 20), hard))
+errors = 0
+seen = set()
+hog = []
+try:
+    while True:                       # eat what is left, then call into every seed path
+        hog.append(np.ones(1 << 20, np.uint8))
+except MemoryError:
+    pass
+for call in (lambda: _seeds.IndexedRingSet(32768, 1 << 20),
+             lambda: [_seeds.IndexedRing(32768) for _ in range(100)],
+             lambda: seen.update(vm.design.harvest().get(0, np.zeros(0)).tolist()),
+             lambda: vm.create_vcpu(1)):
+    try:
+        call()
+    except MemoryError:
+        errors += 1
+hog.clear()
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+seen.update(vm.design.harvest().get(0, np.zeros(0)).tolist())
+assert seen == set(range(1000)), "pages lost"
+print("ok", errors)
+"""
+
+
+def test_seed_paths_under_rlimit_as():
+    """Address space exhausted: every seed call fails cleanly (MemoryError) and nothing is lost."""
+    import os
+    import subprocess
+    resource = pytest.importorskip("resource")
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("RLIMIT_AS cannot be used under AddressSanitizer (it reserves terabytes)")
+    out = subprocess.run([sys.executable, "-c", _RLIMIT_SCRIPT], capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
+    assert int(out.stdout.split()[1]) >= 1
