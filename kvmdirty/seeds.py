@@ -22,6 +22,18 @@ Designs:
                          0 and no switch when the active one is clean
 Seed 004's range write-protect is not a design but an MMU option
 (``VM(protect="range")`` / ``Mmu.protect_range``), usable with any design.
+
+Concurrency and failure (what every design promises):
+  - Each design's ioctl-shaped calls (switch, reset, harvest, ...) run under
+    the VM's slot lock for reading (no memslot change meanwhile) and the
+    design's own mutex (one at a time, as KVM's slots_lock): two collectors
+    are serialised, never interleaved.
+  - Each call's state change is one compiled step (_seeds.switch_bitmaps,
+    IndexedRingSet.reset / harvest): no KeyboardInterrupt can split it, and a
+    failure inside it changes nothing or hands back what it took (fetch
+    indexes put back, bits or-ed back into the active bitmap).
+  - After VM.close() the ioctls fail with EBADF; what user space has mapped
+    (the indexed lists, the shared ring, retired bitmaps) stays readable.
 """
 from __future__ import annotations
 

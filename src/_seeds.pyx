@@ -289,19 +289,23 @@ cdef class IndexedRing:
 
     @property
     def avail_index(self):
+        # Acquire pairs with P4's store-release (entries up to it are complete).
         return kd_load_acquire_u16(self.r.avail)
 
     property fetch_index:
         def __get__(self):
+            # User space's own word: relaxed.
             return kd_load_relaxed_u16(self.r.fetch)
         def __set__(self, v):
-            if not isinstance(v, int) or v < 0 or v > 0xFFFF:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 0xFFFF:
                 raise ValueError("fetch_index is a u16")
+            # Release, as F3: pairs with R1's load-acquire.
             kd_store_release_u16(self.r.fetch, <uint16_t>v)
 
     @property
     def count(self):
         """(u16)(avail_index - fetch_index): entries user space has not fetched yet."""
+        # As F1: acquire of avail (pairs with P4), relaxed read of user space's own fetch.
         return <uint16_t>(kd_load_acquire_u16(self.r.avail) - kd_load_relaxed_u16(self.r.fetch))
 
     # -- kernel state ------------------------------------------------------
@@ -316,6 +320,8 @@ cdef class IndexedRing:
     @property
     def used(self):
         """Entries the kernel holds: pushed and not yet reset."""
+        # A snapshot for reporting: relaxed dirty_index (the producer's), acquire
+        # of reset_index (pairs with R3).  Exact only while both sides are quiet.
         return kd_load_relaxed_u32(&self.r.dirty_index) - kd_load_acquire_u32(&self.r.reset_index)
 
     @property
