@@ -202,6 +202,36 @@ cdef inline void _iring_commit(kd_iring *r, uint32_t n) noexcept nogil:
         kd_store_release_u32(&r.reset_index, kd_load_relaxed_u32(&r.reset_index) + n)
 
 
+cdef class _Mutex:
+    """A lock that refuses re-entry: a sink or flush callback calling back into
+    the call that holds it gets RuntimeError instead of a deadlock (or, with a
+    re-entrant lock, a nested reset freeing the same entries twice).
+
+    acquire() raising (Ctrl-C while waiting) leaves it unheld; the owner is
+    recorded in compiled code right after the acquisition, so no interrupt
+    can separate the two.
+    """
+    cdef object _lock
+    cdef object _owner
+
+    def __cinit__(self):
+        self._lock = threading.Lock()
+        self._owner = None
+
+    def __enter__(self):
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("re-entrant call (from a sink or flush callback) refused")
+        self._lock.acquire()
+        self._owner = me
+        return self
+
+    def __exit__(self, *exc):
+        self._owner = None
+        self._lock.release()
+        return False
+
+
 cdef class IndexedRing:
     """One seed-000 dirty list: ``entries`` {pad, slot, offset} with the u16 index header in entry 0's pad.
 
@@ -231,7 +261,7 @@ cdef class IndexedRing:
         self._buf = raw[skip:skip + nbytes]
         mv = self._buf
         self.gfns = self._buf.view(IGFN_DTYPE)
-        self._fetch_lock = threading.Lock()
+        self._fetch_lock = _Mutex()
         self.r.gfns = <kd_igfn *>&mv[0]
         self.r.avail = <uint16_t *>&mv[0]
         self.r.fetch = <uint16_t *>&mv[2]
@@ -414,7 +444,7 @@ cdef class IndexedRingSet:
         self.entries = entries
         self.max_vcpu_ids = max_vcpu_ids
         self._rings = {}
-        self._lock = threading.Lock()
+        self._lock = _Mutex()
         self.s.by_vcpu = <kd_iring **>calloc(max_vcpu_ids, sizeof(kd_iring *))
         if self.s.by_vcpu == NULL:
             raise MemoryError()
@@ -482,7 +512,7 @@ cdef class IndexedRingSet:
             rings = self.rings
             try:
                 for r in rings:
-                    r._fetch_lock.acquire()         # may raise (Ctrl-C): released below
+                    r._fetch_lock.__enter__()       # may raise (Ctrl-C, re-entry): released below
                     held += 1
                 starts = [r.fetch_index for r in rings]
                 try:
@@ -504,7 +534,7 @@ cdef class IndexedRingSet:
                 return out
             finally:
                 for r in rings[:held]:
-                    r._fetch_lock.release()
+                    r._fetch_lock.__exit__(None, None, None)
 
     cdef long _reset(self, object sink, object flush) except -2:
         cdef IndexedRing r

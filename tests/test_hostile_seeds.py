@@ -778,3 +778,26 @@ def test_seed_paths_under_rlimit_as():
                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
     assert int(out.stdout.split()[1]) >= 1
+
+
+# -- callbacks that call back in: refused, never a deadlock or a double free ------------
+
+def test_reset_sink_reentering_reset_or_fetch_is_refused():
+    s = _seeds.IndexedRingSet(128)
+    r = s.add_vcpu(0)
+    for off in (1, 2, 100):
+        r.push(0, off)
+    r.fetch()
+    for reenter in (lambda: s.reset(), lambda: s.harvest(), lambda: s.add_vcpu(1)):
+        def sink(slot, first, mask, reenter=reenter):
+            reenter()
+        with pytest.raises(RuntimeError, match="re-entrant"):
+            _in_thread(lambda: s.reset(sink))
+        assert r.used == 3                                    # nothing freed
+    with pytest.raises(RuntimeError, match="re-entrant"):
+        _in_thread(lambda: s.harvest(lambda *a: r.fetch()))  # the harvest holds r's fetch lock
+    assert r.used == 3 and r.count == 0
+    with pytest.raises(RuntimeError, match="re-entrant"):
+        _in_thread(lambda: s.reset(None, lambda: s.reset()))  # from the flush callback
+    # The reset above committed before its flush callback failed: each entry freed once.
+    assert r.used == 0 and s.reset() == 0
