@@ -289,6 +289,12 @@ class _BitmapDesign:
         if slot is not None and slot not in self._active:
             raise KvmError(errno.ENOENT, ioctl, f"slot {slot:#x} is not logging")
 
+    @staticmethod
+    def _offsets(bitmap: np.ndarray, npages: int) -> np.ndarray:
+        """The set pages of a retired bitmap below the slot's end (user garbage past it ignored)."""
+        got = _bitmap.to_gfns(bitmap)
+        return got[got < npages]
+
     def _switch(self, sids: List[int], news: List[np.ndarray], zero: bool, offsets: bool) -> list:
         mmu = self.vm.mmu
         return _seeds.switch_bitmaps(mmu, self._active, self._other, sids, news, self._npages,
