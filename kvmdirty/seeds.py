@@ -22,11 +22,24 @@ Designs:
                          0 and no switch when the active one is clean
 Seed 004's range write-protect is not a design but an MMU option
 (``VM(protect="range")`` / ``Mmu.protect_range``), usable with any design.
+
+Concurrency and failure (what every design promises):
+  - Each design's ioctl-shaped calls (switch, reset, harvest, ...) run under
+    the VM's slot lock for reading (no memslot change meanwhile) and the
+    design's own mutex (one at a time, as KVM's slots_lock): two collectors
+    are serialised, never interleaved.
+  - Each call's state change is one compiled step (_seeds.switch_bitmaps,
+    IndexedRingSet.reset / harvest): no KeyboardInterrupt can split it, and a
+    failure inside it changes nothing or hands back what it took (fetch
+    indexes put back, bits or-ed back into the active bitmap).
+  - After VM.close() the ioctls fail with EBADF; what user space has mapped
+    (the indexed lists, the shared ring, retired bitmaps) stays readable.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import threading
 from typing import Callable, ContextManager, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
@@ -35,6 +48,7 @@ from . import _bitmap, _mmu, _seeds, validate
 from ._ring import DirtyRing
 from .api import EXIT_DIRTY_LOG_FULL
 from .errors import KvmError
+from .limits import MAX_VCPU_IDS
 
 __all__ = ["DESIGNS", "Design", "create_design", "IndexedRingDesign", "SharedRingDesign",
            "SwitchedBitmapDesign", "SwitchedBitmapUserDesign", "EXIT_DIRTY_LOG_FULL"]
@@ -62,6 +76,12 @@ def _reading(vm) -> ContextManager:
     return lock.read() if lock is not None else contextlib.nullcontext()
 
 
+def _check_open(vm, ioctl: str) -> None:
+    """EBADF once the VM is closed, as every ioctl on a closed fd (call with the slot lock held)."""
+    if getattr(vm, "closed", False):
+        raise KvmError(errno.EBADF, ioctl, "the VM is closed")
+
+
 def _reset_sink(vm):
     """The write-protect sink of a reset, honouring the skip-reset-protect fault."""
     return None if vm.mmu.faults & _mmu.FAULT_SKIP_RESET_PROTECT else vm.mmu
@@ -79,7 +99,11 @@ def _merge(parts: Dict[int, List[np.ndarray]]) -> Harvest:
 
 
 class _RingDesign:
-    """What the two ring designs share: tracker install and the reset-then-flush."""
+    """What the two ring designs share: tracker install and the reset-then-flush.
+
+    ``_mutex`` serialises the design's collect/reset/harvest calls (KVM holds
+    slots_lock for a reset); it is taken inside the VM's slot lock.
+    """
 
     name = ""
     tracker: object
@@ -87,6 +111,7 @@ class _RingDesign:
     def __init__(self, vm) -> None:
         self.vm = vm
         self._installed = False
+        self._mutex = threading.Lock()
 
     def install(self) -> None:
         if not self._installed:
@@ -110,13 +135,16 @@ class IndexedRingDesign(_RingDesign):
     ``fetch()``, ``avail_index``, ``fetch_index``, ``gfns``) and
     ``reset_dirty_pages()`` (KVM_RESET_DIRTY_PAGES).  A vCPU whose list
     reaches its limit exits with EXIT_DIRTY_LOG_FULL until a reset.
+    The lists are user space's mappings: they stay readable after close();
+    the ioctls (reset, harvest) then fail with EBADF.
     """
 
     name = "indexed-ring"
 
     def __init__(self, vm, entries: int = 4096) -> None:
         super().__init__(vm)
-        self.rings = _seeds.IndexedRingSet(entries)
+        # One list per vCPU id the VM accepts (KVM_MAX_VCPU_IDS), so vcpu_created cannot refuse one.
+        self.rings = _seeds.IndexedRingSet(entries, getattr(vm, "max_vcpu_ids", MAX_VCPU_IDS))
         self.tracker = self.rings
 
     def vcpu_created(self, vcpu_id: int) -> None:
@@ -129,26 +157,31 @@ class IndexedRingDesign(_RingDesign):
     def vm_ring(self) -> "_seeds.IndexedRing":
         return self.rings.vm_ring
 
+    def _flush(self) -> Optional[Callable[[], None]]:
+        return self.vm.mmu.flush_remote_tlbs
+
     def reset_dirty_pages(self, flush: bool = True) -> int:
         """KVM_RESET_DIRTY_PAGES: re-protect what user space fetched, free it, flush TLBs if any.
 
-        EINVAL if a ring's fetch_index lies beyond what the kernel pushed.
+        EINVAL (nothing changed) if a ring's fetch_index lies beyond what the kernel pushed.
         """
         with _reading(self.vm):
-            n = self.rings.reset(_reset_sink(self.vm))
-            if n < 0:
-                raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_PAGES",
-                               "a fetch_index is beyond what the kernel pushed")
-            if n and flush:
-                self.vm.mmu.flush_remote_tlbs()
+            _check_open(self.vm, "KVM_RESET_DIRTY_PAGES")
+            n = self.rings.reset(_reset_sink(self.vm), self._flush() if flush else None)
+        if n < 0:
+            raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_PAGES",
+                           "a fetch_index is beyond what the kernel pushed")
         return n
 
     def harvest(self) -> Harvest:
-        parts: Dict[int, List[np.ndarray]] = {}
-        for r in self.rings.rings:
-            _group(*r.fetch(), parts)
-        self.reset_dirty_pages()
-        return _merge(parts)
+        """Fetch every list and reset them as one step: all or nothing (fetch indexes put back)."""
+        with _reading(self.vm):
+            _check_open(self.vm, "KVM_RESET_DIRTY_PAGES")
+            got = self.rings.harvest(_reset_sink(self.vm), self._flush())
+        if got is None:
+            raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_PAGES",
+                           "a fetch_index is beyond what the kernel pushed")
+        return got
 
 
 class SharedRingDesign(_RingDesign):
@@ -156,7 +189,9 @@ class SharedRingDesign(_RingDesign):
 
     User API: ``ring`` (a kvmdirty._ring.DirtyRing: ``collect()``, ``gfns``)
     and ``reset()`` (re-protect harvested entries, then flush).  vCPUs exit
-    with DIRTY_RING_FULL while the ring is soft-full.
+    with DIRTY_RING_FULL while the ring is soft-full.  The design's collect,
+    reset and harvest are serialised; calling ``ring.collect`` directly from
+    several threads is DirtyRing's business (it refuses).
     """
 
     name = "shared-ring"
@@ -167,31 +202,55 @@ class SharedRingDesign(_RingDesign):
         self.tracker = _seeds.SharedRingTracker(self.ring)
 
     def collect(self, max_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        return self.ring.collect(max_count)
+        """User space's harvest of the shared ring (its mapping: works after close too)."""
+        with self._mutex:
+            return self.ring.collect(max_count)
+
+    def _reset_locked(self, flush: bool) -> int:
+        mmu = self.vm.mmu
+        try:
+            n = self.ring.reset(_reset_sink(self.vm))
+        except BaseException:
+            if flush:
+                mmu.flush_remote_tlbs()     # whatever it re-protected before failing
+            raise
+        if n and flush:
+            mmu.flush_remote_tlbs()
+        return n
 
     def reset(self, flush: bool = True) -> int:
-        with _reading(self.vm):
-            n = self.ring.reset(_reset_sink(self.vm))
-            if n and flush:
-                self.vm.mmu.flush_remote_tlbs()
-        return n
+        with _reading(self.vm), self._mutex:
+            _check_open(self.vm, "KVM_RESET_DIRTY_RINGS")
+            return self._reset_locked(flush)
 
     def harvest(self) -> Harvest:
         parts: Dict[int, List[np.ndarray]] = {}
-        _group(*self.ring.collect(), parts)
-        self.reset()
-        return _merge(parts)
+        with _reading(self.vm), self._mutex:
+            _check_open(self.vm, "KVM_RESET_DIRTY_RINGS")
+            # The result is built before the reset frees anything.
+            _group(*self.ring.collect(), parts)
+            out = _merge(parts)
+            self._reset_locked(True)
+        return out
 
 
 class _BitmapDesign:
-    """Per logged slot, the bitmap(s) the write loop's built-in bitmap path logs into."""
+    """Per logged slot, the bitmap(s) the write loop's built-in bitmap path logs into.
+
+    ``_active[sid]`` is the bitmap the MMU logs into, ``_other[sid]`` its
+    partner (the kernel's spare, or the user bitmap last retired).  Every
+    switch runs under the VM's slot lock (read) and ``_mutex`` (one at a
+    time), through _seeds.switch_bitmaps, which no interrupt can split.
+    """
 
     name = ""
 
     def __init__(self, vm) -> None:
         self.vm = vm
         self._active: Dict[int, np.ndarray] = {}
+        self._other: Dict[int, np.ndarray] = {}
         self._npages: Dict[int, int] = {}
+        self._mutex = threading.Lock()
 
     def install(self) -> None:
         self.vm.mmu.set_tracker(None)     # the MMU's bitmap path does the logging
@@ -222,34 +281,26 @@ class _BitmapDesign:
 
     def _forget(self, sid: int) -> None:
         self._active.pop(sid, None)
+        self._other.pop(sid, None)
         self._npages.pop(sid, None)
 
-    def _check(self, slot: int) -> None:
-        validate.u32(slot, "slot")          # bool / float slots are refused, as by every ioctl
-        if slot not in self._active:
-            raise KvmError(errno.ENOENT, "KVM_SWITCH_DIRTY_LOG", f"slot {slot:#x} is not logging")
-
-    def _retire(self, slot: int, new: np.ndarray) -> np.ndarray:
-        """Make ``new`` the active bitmap; return the old one once no vCPU writes it, its pages re-protected."""
-        mmu = self.vm.mmu
-        old = self._active[slot]
-        # Store-release of the pointer; pairs with the write loop's load-acquire.
-        mmu.set_dirty(slot, new)
-        self._active[slot] = new
-        # The remote flush waits until every vCPU in guest mode has passed a
-        # request check, i.e. finished any write that still saw the old pointer
-        # (what synchronize_srcu gives the kernel).  Only then is old quiescent.
-        mmu.flush_remote_tlbs()
-        flush_first = bool(mmu.faults & _mmu.FAULT_FLUSH_BEFORE_PROTECT)
-        pages, _, _ = _seeds.protect_bitmap(old, mmu, slot, self._npages[slot])
-        if pages and not flush_first:
-            mmu.flush_remote_tlbs()        # drop writable TLB entries of the re-protected pages
-        return old
+    def _enter(self, ioctl: str, slot: Optional[int] = None) -> None:
+        _check_open(self.vm, ioctl)
+        if slot is not None:
+            validate.u32(slot, "slot")      # bool / float slots are refused, as by every ioctl
+        if slot is not None and slot not in self._active:
+            raise KvmError(errno.ENOENT, ioctl, f"slot {slot:#x} is not logging")
 
     @staticmethod
     def _offsets(bitmap: np.ndarray, npages: int) -> np.ndarray:
+        """The set pages of a retired bitmap below the slot's end (user garbage past it ignored)."""
         got = _bitmap.to_gfns(bitmap)
         return got[got < npages]
+
+    def _switch(self, sids: List[int], news: List[np.ndarray], zero: bool, offsets: bool) -> list:
+        mmu = self.vm.mmu
+        return _seeds.switch_bitmaps(mmu, self._active, self._other, sids, news, self._npages,
+                                     zero, bool(mmu.faults & _mmu.FAULT_FLUSH_BEFORE_PROTECT), offsets)
 
 
 class SwitchedBitmapDesign(_BitmapDesign):
@@ -262,38 +313,31 @@ class SwitchedBitmapDesign(_BitmapDesign):
 
     name = "switched-bitmap"
 
-    def __init__(self, vm) -> None:
-        super().__init__(vm)
-        self._spare: Dict[int, np.ndarray] = {}
-
     def _adopt(self, sid: int, npages: int) -> None:
         super()._adopt(sid, npages)
-        self._spare[sid] = np.zeros_like(self._active[sid])
-
-    def _forget(self, sid: int) -> None:
-        super()._forget(sid)
-        self._spare.pop(sid, None)
+        self._other[sid] = np.zeros_like(self._active[sid])
 
     def addresses(self, slot: int) -> Tuple[np.ndarray, np.ndarray]:
         """KVM_GET_USER_DIRTY_LOG_ADDR: (active, old) read-only views of the slot's pair."""
-        self._check(slot)
-        return _ro(self._active[slot]), _ro(self._spare[slot])
+        with _reading(self.vm), self._mutex:
+            self._enter("KVM_GET_USER_DIRTY_LOG_ADDR", slot)
+            return _ro(self._active[slot]), _ro(self._other[slot])
 
     def switch(self, slot: int) -> np.ndarray:
         """KVM_SWITCH_DIRTY_LOG: swap active and old; return the retired bitmap."""
-        with _reading(self.vm):
-            self._check(slot)
-            new = self._spare[slot]
-            new[:] = 0                     # the user is done with it: it was the previous result
-            old = self._retire(slot, new)
-            self._spare[slot] = old
+        with _reading(self.vm), self._mutex:
+            self._enter("KVM_SWITCH_DIRTY_LOG", slot)
+            # The spare is the previous result: the user is done with it, it is zeroed.
+            (old,) = self._switch([slot], [self._other[slot]], True, False)
         return _ro(old)
 
     def harvest(self) -> Harvest:
-        out: Harvest = {}
-        for sid in sorted(self._active):
-            out[sid] = self._offsets(self.switch(sid), self._npages[sid])
-        return out
+        """Switch every logged slot at once (one flush) and list each retired bitmap's pages."""
+        with _reading(self.vm), self._mutex:
+            self._enter("KVM_SWITCH_DIRTY_LOG")
+            sids = sorted(self._active)
+            got = self._switch(sids, [self._other[s] for s in sids], True, True)
+        return dict(zip(sids, got))
 
 
 class SwitchedBitmapUserDesign(_BitmapDesign):
@@ -301,54 +345,68 @@ class SwitchedBitmapUserDesign(_BitmapDesign):
 
     Returns 0 and switches nothing when the active bitmap is clean; else 1,
     and the bitmap active until now (``retired(slot)``) holds the dirty pages,
-    re-protected.  Cleaning bitmaps is user space's job.
+    re-protected.  Cleaning bitmaps is user space's job.  A bitmap that is (or
+    overlaps) any slot's active bitmap is refused with EBUSY: one buffer
+    logging two slots would report pages against the wrong slot.
     """
 
     name = "switched-bitmap-user"
 
-    def __init__(self, vm) -> None:
-        super().__init__(vm)
-        self._retired: Dict[int, np.ndarray] = {}
-
-    def _forget(self, sid: int) -> None:
-        super()._forget(sid)
-        self._retired.pop(sid, None)
+    def _busy(self, bitmap: np.ndarray) -> Optional[int]:
+        for sid, a in self._active.items():
+            if np.shares_memory(bitmap, a):
+                return sid
+        return None
 
     def switch(self, slot: int, bitmap: np.ndarray) -> int:
-        with _reading(self.vm):
-            self._check(slot)
+        ioctl = "KVM_SWITCH_DIRTY_LOG"
+        if not isinstance(bitmap, np.ndarray) or bitmap.dtype != np.uint64 or bitmap.ndim != 1 \
+                or not bitmap.flags.c_contiguous or not bitmap.flags.writeable:
+            raise TypeError("bitmap must be a writable, C-contiguous 1-D uint64 numpy array")
+        if not bitmap.flags.aligned:
+            # The write loop sets bits with 8-byte atomics: a split one may trap (split-lock detection).
+            raise ValueError("bitmap must be 8-byte aligned")
+        with _reading(self.vm), self._mutex:
+            self._enter(ioctl, slot)
             nwords = len(self._active[slot])
-            if not isinstance(bitmap, np.ndarray) or bitmap.dtype != np.uint64 or bitmap.ndim != 1 \
-                    or not bitmap.flags.c_contiguous or not bitmap.flags.writeable:
-                raise TypeError("bitmap must be a writable, C-contiguous 1-D uint64 numpy array")
             if len(bitmap) < nwords:
                 raise ValueError(f"bitmap has {len(bitmap)} words, the slot needs {nwords}")
-            if np.shares_memory(bitmap, self._active[slot]):
-                raise ValueError("bitmap is the active bitmap")
+            busy = self._busy(bitmap)
+            if busy is not None:
+                raise KvmError(errno.EBUSY, ioctl, f"bitmap is (or overlaps) slot {busy:#x}'s active bitmap")
             if not self._active[slot].any():
                 return 0
-            self._retired[slot] = self._retire(slot, bitmap)
+            self._switch([slot], [bitmap], False, False)
         return 1
 
     def retired(self, slot: int) -> Optional[np.ndarray]:
-        """The bitmap the last successful switch of ``slot`` retired (None before any)."""
-        self._check(slot)
-        r = self._retired.get(slot)
+        """The bitmap the last successful switch of ``slot`` retired (None before any).
+
+        User space's own buffer: readable after close() too.
+        """
+        if slot not in self._active:
+            raise KvmError(errno.ENOENT, "retired", f"slot {slot:#x} is not logging")
+        r = self._other.get(slot)
         return None if r is None else _ro(r)
 
     def harvest(self) -> Harvest:
+        """Switch every dirty slot (recycling its last retired bitmap, as user space would)."""
         out: Harvest = {}
-        for sid in sorted(self._active):
-            spare = self._retired.pop(sid, None)
-            if spare is None:
-                spare = np.zeros_like(self._active[sid])
-            else:
-                spare[:] = 0                  # recycle the previous result, as user space would
-            if self.switch(sid, spare):
-                out[sid] = self._offsets(self._retired[sid], self._npages[sid])
-            else:
-                self._retired[sid] = spare    # keep it for next time
-                out[sid] = np.zeros(0, np.uint64)
+        with _reading(self.vm), self._mutex:
+            self._enter("KVM_SWITCH_DIRTY_LOG")
+            sids, news = [], []
+            for sid in sorted(self._active):
+                if not self._active[sid].any():
+                    out[sid] = np.zeros(0, np.uint64)
+                    continue
+                spare = self._other.get(sid)
+                if spare is None or self._busy(spare) is not None:
+                    # None yet, or user space made it another slot's active bitmap.
+                    spare = np.zeros_like(self._active[sid])
+                sids.append(sid)
+                news.append(spare)
+            got = self._switch(sids, news, True, True)
+        out.update(zip(sids, got))
         return out
 
 

@@ -220,8 +220,9 @@ def test_switched_bitmap_user_variant_clean_returns_zero():
     assert d.retired(0)[0] == 8 and mine[0] == 0
     v.run(np.array([BASE_GFN + 3], np.uint64), 2)
     assert mine[0] == 8                                   # re-protected: logged into the new one
-    with pytest.raises(ValueError):
+    with pytest.raises(KvmError) as e:
         d.switch(0, mine)                                 # the active bitmap itself
+    assert e.value.errno == errno.EBUSY
     with pytest.raises(ValueError):
         d.switch(0, np.zeros(1, np.uint64))               # too small
     with pytest.raises(TypeError):
