@@ -237,3 +237,74 @@ def test_low_level_bad_input():
     vm.close()
     kvm.close()
     small.close()
+
+
+def _libc_mmap_noreplace(addr: int, size: int) -> int:
+    """mmap(addr, MAP_FIXED_NOREPLACE): the address, or -errno if the range is taken."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    map_fixed_noreplace, map_private, map_anon = 0x100000, 0x02, 0x20
+    p = libc.mmap(addr, size, 3, map_private | map_anon | map_fixed_noreplace, -1, 0)
+    if p is None or p == ctypes.c_void_p(-1).value:
+        return -ctypes.get_errno()
+    return p
+
+
+def _libc_munmap(addr: int, size: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.munmap(addr, size)
+
+
+def test_close_keeps_guest_memory_mapped_while_a_vcpu_is_in_kvm_run():
+    """Issue 10 item 10: close() with a vCPU inside KVM_RUN must not unmap guest memory.
+
+    Before the fix the range was unmapped at once, a new mmap could take it
+    (here: MAP_FIXED_NOREPLACE at the same address) and the still-running
+    guest wrote into that unrelated memory.
+    """
+    import ctypes
+    vm = KvmVM()
+    size = 16 * MB
+    vm.set_user_memory_region(0, 0, size, LOG)
+    v = vm.create_vcpu(0)
+    addr = vm._slots[0].mapping.address
+    plan = np.tile(np.arange(4096, dtype=np.uint64), 8)   # one 8192-write burst: ~100+ ms guest time
+    out = []
+    t = threading.Thread(target=lambda: out.append(_swallow(v.run, plan, 7)))
+    t.start()
+    first = ctypes.c_uint64.from_address(addr)             # page 0: the plan's first write
+    deadline = time.monotonic() + 30
+    while first.value != 7 and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    del first
+    assert t.is_alive(), "the guest finished before close(): plan too short for this host"
+    vm.close()
+    got = _libc_mmap_noreplace(addr, size)
+    t.join(60)
+    assert not t.is_alive()
+    if got > 0:
+        try:
+            fresh = np.ctypeslib.as_array((ctypes.c_uint64 * (size // 8)).from_address(got))
+            written = int(np.count_nonzero(fresh[::512]))
+        finally:
+            _libc_munmap(got, size)
+        assert written == 0, f"the closed VM's guest wrote {written} pages of a later mmap"
+    else:
+        assert got == -errno.EEXIST                        # still mapped: nobody can reuse it
+    # Once the vCPU has left KVM_RUN its fd closes, the kernel VM dies, and the range is freed.
+    gc.collect()
+    again = _libc_mmap_noreplace(addr, size)
+    assert again == addr, f"guest memory is still mapped after the vCPU left ({again})"
+    _libc_munmap(again, size)
+
+
+def _swallow(f, *a):
+    try:
+        return f(*a)
+    except (KvmError, ValueError) as e:
+        return e
