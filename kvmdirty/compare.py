@@ -67,7 +67,9 @@ def _cell(r: RunResult, key: str) -> str:
         return _si(r.writes_per_s)
     if key == "lost_pages":
         n = r.lost_pages if r.lost_pages is not None else r.violations
-        return "-" if n is None else f"{n:,}"
+        if n is None:
+            return "-"
+        return f"{n + (r.unwritten_pages or 0):,}"
     v = getattr(r, key)
     if v is None:
         return "-"

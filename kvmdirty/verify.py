@@ -24,6 +24,20 @@ SelftestCheck (the kernel selftest's per-iteration check, dirty_log_test.c)
     The runner stops and drains every vCPU before the check, so the selftest's
     ring tolerance (the last page of a harvest holding an older value) is
     not needed.
+
+FinalValues (the backend check: did the guest write what the plans say?)
+    Independent of any harvest.  The runner reports every write it was told
+    was done (``wrote``: the vCPU, the gfns in plan order, their values).  At
+    each round's end (vCPUs stopped) every page must hold what the plans
+    leave there: a page no plan wrote in the round keeps its value from the
+    round before; a page written holds a value one of the writes could have
+    left.  With ``ordered`` (one thread ran everything, so the order of the
+    calls is the order of the writes) that is the last write; with
+    concurrent vCPUs it is one of the last values each vCPU wrote there (a
+    vCPU's own writes are ordered; two vCPUs' writes to one page are not).
+    This catches a backend that writes the wrong pages, misses planned
+    writes or writes where no plan went, which "harvested pages match memory"
+    cannot see.
 """
 from __future__ import annotations
 
@@ -65,6 +79,20 @@ class Violation:
         if self.reported:
             return f"round {self.round}: gfn {self.gfn:#x} reported dirty but holds {self.value}"
         return f"round {self.round}: gfn {self.gfn:#x} not reported but holds {self.value}"
+
+
+@dataclass(frozen=True)
+class UnwrittenPage:
+    """A page whose final value is not what the plans' writes leave there."""
+
+    gfn: int
+    guest: int            # the value in guest memory
+    expected: int         # a value the plans could have left (the last write, or the old value)
+    round: int = 1
+
+    def __str__(self) -> str:
+        return (f"round {self.round}: gfn {self.gfn:#x}: guest has {self.guest:#x}, "
+                f"the plans leave {self.expected:#x}")
 
 
 class Check:
@@ -208,3 +236,95 @@ class SelftestCheck(Check):
     @property
     def details(self) -> list:
         return self.violations
+
+
+# A vCPU's record of writes is folded to "last value per page" past this many.
+_FOLD_AT = 1 << 20
+
+
+class _Stream:
+    """Writes of one ordered stream, kept as (gfns, values); folds to the last value per gfn."""
+
+    def __init__(self) -> None:
+        self.parts: List[Tuple[np.ndarray, np.ndarray]] = []
+        self.size = 0
+
+    def add(self, gfns: np.ndarray, values: np.ndarray) -> None:
+        self.parts.append((gfns, values))
+        self.size += len(gfns)
+        if self.size > _FOLD_AT and len(self.parts) > 1:
+            self.parts = [self.last()]
+            self.size = len(self.parts[0][0])
+
+    def last(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(gfns, values): each gfn once, with the value of its last write."""
+        if not self.parts:
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        g = np.concatenate([p[0] for p in self.parts])
+        v = np.concatenate([p[1] for p in self.parts])
+        _u, first_in_reversed = np.unique(g[::-1], return_index=True)
+        keep = len(g) - 1 - first_in_reversed
+        return g[keep], v[keep]
+
+
+class FinalValues(Check):
+    name = "final"
+
+    def __init__(self, vm, slots: Sequence[SlotSpec], vcpus: int, *, ordered: bool) -> None:
+        self.vm = vm
+        self.slots = {sid: (base, n) for sid, base, n in slots}
+        self.ordered = ordered
+        self.nvcpus = vcpus
+        self.expect = {sid: np.array(vm.memory(sid), dtype=np.uint64) for sid in self.slots}
+        self._streams = [_Stream() for _ in range(1 if ordered else vcpus)]
+        self._seen = {sid: np.zeros(n, dtype=bool) for sid, (_b, n) in self.slots.items()}
+        self.unwritten: List[UnwrittenPage] = []
+        self.bad_rounds: List[int] = []
+        self._count = 0
+
+    def absorb(self, harvest: Dict[int, np.ndarray]) -> None:
+        """Harvests say nothing about what the guest wrote."""
+
+    def wrote(self, vcpu: int, gfns: np.ndarray, values) -> None:
+        """vCPU ``vcpu`` did these writes, in this order (``values``: one per gfn, or one for all).
+
+        Each vCPU's calls come from one thread at a time; in ``ordered`` mode
+        all calls come from one thread, in the order the writes happened.
+        """
+        g = np.array(gfns, dtype=np.uint64)          # a copy: the caller may reuse its buffer
+        v = np.broadcast_to(np.asarray(values, dtype=np.uint64), g.shape).copy()
+        self._streams[0 if self.ordered else vcpu].add(g, v)
+
+    def end_round(self, rnd: int) -> None:
+        last = [s.last() for s in self._streams]
+        g = np.concatenate([x[0] for x in last])
+        v = np.concatenate([x[1] for x in last])
+        self._streams = [_Stream() for _ in self._streams]
+        for sid, (base, n) in self.slots.items():
+            mem = np.asarray(self.vm.memory(sid))
+            inside = (g >= np.uint64(base)) & (g < np.uint64(base + n))
+            off = (g[inside] - np.uint64(base)).astype(np.intp)
+            val = v[inside]
+            touched = np.zeros(n, dtype=bool)
+            touched[off] = True
+            good = np.zeros(n, dtype=bool)
+            good[off[mem[off] == val]] = True
+            expected = self.expect[sid].copy()
+            expected[off] = val                      # one value the writes could leave, for reports
+            bad = np.flatnonzero(np.where(touched, ~good, mem != self.expect[sid]))
+            if len(bad) and (not self.bad_rounds or self.bad_rounds[-1] != rnd):
+                self.bad_rounds.append(rnd)
+            new = bad[~self._seen[sid][bad]]
+            self._seen[sid][new] = True
+            self._count += len(new)
+            for o in new[: max(0, MAX_DETAILS - len(self.unwritten))]:
+                self.unwritten.append(UnwrittenPage(base + int(o), int(mem[o]), int(expected[o]), rnd))
+            self.expect[sid] = np.array(mem, dtype=np.uint64)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def details(self) -> list:
+        return self.unwritten
