@@ -315,6 +315,18 @@ def test_two_vcpus(vm):
     assert bitmap_gfns(vm.get_dirty_log(1)).tolist() == [1, 2]
 
 
+def test_ring_size_is_read_as_u32_like_the_kernel(vm):
+    """Issue 10 item 11: KVM takes 2**32 + 64 KiB as a 64 KiB ring; KvmVM passes the
+    value through and maps the ring the kernel made (before: create_vcpu failed)."""
+    _needs_ring()
+    vm.enable_cap(RING if vm.check_extension(RING) else _uapi.CAP_DIRTY_LOG_RING, (1 << 32) + 65536)
+    vm.set_user_memory_region(1, BASE, SLOT_PAGES * 4096, LOG)
+    v = vm.create_vcpu(0)
+    assert v.dirty_ring.entries == 65536 // 16
+    assert v.run(np.array([BASE_GFN + 3]), 1).done
+    assert v.dirty_ring.collect()[1].tolist() == [3]
+
+
 # -- errno of the real kernel ---------------------------------------------------
 Z = np.zeros(2, np.uint64)
 RING = _uapi.CAP_DIRTY_LOG_RING_ACQ_REL

@@ -308,3 +308,47 @@ def _swallow(f, *a):
         return f(*a)
     except (KvmError, ValueError) as e:
         return e
+
+
+_CALLS = {
+    "Mapping": [("close", ()), ("__repr__", ()), ("address", None), ("size", None), ("closed", None)],
+    "_Fd": [("fileno", ()), ("close", ()), ("closed", None)],
+    "Kvm": [("api_version", ()), ("check_extension", (1,)), ("vcpu_mmap_size", ()),
+            ("supported_cpuid", ()), ("create_vm", ())],
+    "Vm": [("check_extension", (1,)), ("enable_cap", (1, (0,))),
+           ("set_user_memory_region", (0, 0, 0, 0, None)), ("get_dirty_log", (0,)),
+           ("clear_dirty_log", (0, 0, 64, np.zeros(1, np.uint64))), ("reset_dirty_rings", ()),
+           ("create_vcpu", (0,))],
+    "Vcpu": [("run", ()), ("exit_info", ()), ("get_regs", ()), ("set_regs", ({"rax": 1},)),
+             ("get_sregs", ()), ("set_sregs", ({"cr0": 1},)), ("map_dirty_ring", (4096,)),
+             ("set_cpuid", (np.zeros(1, _kvm.CPUID_ENTRY),))],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CALLS))
+def test_objects_built_without_init_raise_instead_of_crashing(name):
+    """Issue 10 item 2: cls.__new__(cls) gives an object every method of which
+    raises cleanly (EBADF for fds), never a NULL/closed-fd crash."""
+    cls = getattr(_kvm, name)
+    for _ in range(2):                                  # and again after close()
+        obj = cls.__new__(cls)
+        for meth, args in _CALLS[name]:
+            if args is None:
+                getattr(obj, meth)                       # properties answer
+                continue
+            try:
+                getattr(obj, meth)(*args)
+            except (OSError, ValueError, TypeError) as e:
+                if isinstance(e, OSError) and name != "Mapping":
+                    assert e.errno == errno.EBADF, (meth, e)
+        with pytest.raises(ValueError):
+            memoryview(obj) if name == "Mapping" else obj.fileno()
+
+
+def test_kvm_cannot_be_initialized_twice():
+    k = _kvm.Kvm()
+    before = fd_count()
+    with pytest.raises(TypeError):
+        k.__init__("/dev/kvm")
+    assert fd_count() == before and k.api_version() == 12
+    k.close()
