@@ -8,6 +8,8 @@ number comes from the run of that row.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import platform
 from typing import Callable, List, Optional, Sequence
 
@@ -114,3 +116,19 @@ def to_json(results: Sequence[RunResult], spec: RunSpec) -> dict:
         "results": [r.to_dict() for r in results],
         "ok": all(r.ok for r in results),
     }
+
+
+def _finite(x):
+    """``x`` with every non-finite float (NaN, inf) replaced by None: JSON has no such numbers."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def to_json_text(results: Sequence[RunResult], spec: RunSpec) -> str:
+    """``to_json`` as strict JSON text (non-finite numbers become null)."""
+    return json.dumps(_finite(to_json(results, spec)), indent=2, allow_nan=False)

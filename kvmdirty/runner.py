@@ -28,6 +28,7 @@ plans name RAM page indices; ``ram_gfns`` maps them to gfns.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import threading
 import time
@@ -91,11 +92,11 @@ class RunSpec:
         if self.duration is None and self.writes < 1:
             raise ValueError("writes must be >= 1")
         if self.duration is not None:
-            if self.duration <= 0:
+            if not (math.isfinite(self.duration) and self.duration > 0):
                 raise ValueError("duration must be positive")
             if self.mode != "threads":
                 raise ValueError("duration needs threads; deterministic runs count writes")
-        if self.period < 1 or self.interval <= 0:
+        if self.period < 1 or not (math.isfinite(self.interval) and self.interval > 0):
             raise ValueError("period must be >= 1 step and interval > 0 seconds")
         for k in self.ring_knobs:
             if k not in RING_KNOBS:
