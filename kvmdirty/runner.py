@@ -440,12 +440,14 @@ class Runner:
 
     def run(self) -> RunResult:
         spec = self.spec
-        self._setup()
         saved = None
-        if spec.cpus is not None and spec.mode == "threads":
-            saved = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, spec.cpus)
+        self.vm = None
         try:
+            # Inside the try: a set-up failing after the VM exists closes it.
+            self._setup()
+            if spec.cpus is not None and spec.mode == "threads":
+                saved = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, spec.cpus)
             self._rounds_done = 0
             t0 = time.perf_counter()
             for rnd in range(1, spec.rounds + 1):
@@ -470,7 +472,8 @@ class Runner:
         finally:
             if saved is not None:
                 os.sched_setaffinity(0, saved)
-            self.vm.close()
+            if self.vm is not None:
+                self.vm.close()
 
     def _result(self, elapsed: float) -> RunResult:
         spec = self.spec

@@ -121,3 +121,23 @@ def test_failed_run_arguments_change_nothing():
                 v.run(bad, 1)
         assert counts() == before
         assert v.run(np.array([3]), 1).done
+
+
+@pytest.mark.parametrize("kw", [dict(design="ring", ring_entries=3),      # enable_dirty_ring: EINVAL
+                                dict(vcpus=1100)],                           # past KVM's vCPU limit
+                         ids=["bad-ring", "too-many-vcpus"])
+def test_runner_setup_failure_closes_the_vm(kw):
+    """A run whose set-up fails after its VM exists leaves no fd behind (it leaked the VM)."""
+    from kvmdirty.runner import RunSpec, run
+    if kw.get("design") == "ring" and ring_capable() is not None:
+        pytest.skip(ring_capable())
+    spec = RunSpec(backend="kvm", memory=8 * MB, writes=10, **{"vcpus": 1, **kw})
+    for attempt in range(2):            # the first one also warms the allocator up
+        before = counts()
+        with pytest.raises(OSError) as e:
+            run(spec)
+        # Closed by the run itself, not later by the garbage collector (the
+        # traceback in `e` still references the runner and its VM).
+        assert fd_count() == before[0]
+        del e
+    assert counts() == before
