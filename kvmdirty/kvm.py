@@ -66,13 +66,21 @@ class KvmDirtyRing:
         self.entries = entries
         #: Free-running index of the next entry to harvest (as in the kernel selftest).
         self.fetch_index = 0
+        # Collectors are serialised: two reading from one fetch_index would
+        # both take (and report) the same entries.
+        self._collect_lock = threading.Lock()
 
     def collect(self, max_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Harvest in order while flags == DIRTY, marking each RESET; (slots u32, offsets u64)."""
-        if self._buf is None:
-            raise KvmError(errno.EBADF, "collect", "the vCPU is closed")
+        """Harvest in order while flags == DIRTY, marking each RESET; (slots u32, offsets u64).
+
+        Safe from several threads: each entry goes to exactly one caller.
+        """
         from ._ring import collect
-        slots, offsets, self.fetch_index = collect(self._buf, self.fetch_index, max_count)
+        with self._collect_lock:
+            buf = self._buf
+            if buf is None:
+                raise KvmError(errno.EBADF, "collect", "the vCPU is closed")
+            slots, offsets, self.fetch_index = collect(buf, self.fetch_index, max_count)
         return slots, offsets
 
     def entries_view(self) -> np.ndarray:
