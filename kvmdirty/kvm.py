@@ -222,9 +222,10 @@ class KvmVcpu:
                 raise ValueError(f"gfns must be below {self._gfn_limit:#x} (what this guest can address)")
             if ((plan >= guest.PRIVATE_GFN_FIRST) & (plan < guest.PRIVATE_GFN_END)).any():
                 raise ValueError("gfns must not name the guest program's private memory")
-        self._plan, self._value = plan, value
-        self._chunk_start = self._chunk_len = self._done = 0
-        self._burst_start = self._burst_len = 0
+        # One dict update (no Python code runs inside it): a Ctrl-C cannot
+        # leave a new plan with the old plan's position.
+        self.__dict__.update(_plan=plan, _value=value, _chunk_start=0, _chunk_len=0, _done=0,
+                             _burst_start=0, _burst_len=0)
 
     def _start_burst(self, budget: Optional[int]) -> None:
         """Point the registers at the next burst of the plan (loading its chunk first).

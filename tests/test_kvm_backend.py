@@ -613,3 +613,27 @@ def test_concurrent_collectors_take_each_entry_once(vm):
         both = sorted(got[0] + got[1])
         assert both == sorted((plan - BASE_GFN).tolist())
         assert vm.reset_dirty_rings() == 1000
+
+
+def test_ctrl_c_during_kvm_run_keeps_the_position(vm):
+    """SIGINT while the guest runs: KeyboardInterrupt from run(), `remaining` says
+    where the vCPU stopped (it kept the whole plan before), run() finishes the rest."""
+    import signal
+    import threading
+    vm.set_user_memory_region(1, BASE, 16 * MB, LOG)
+    v = vm.create_vcpu(0)
+    plan = (BASE_GFN + np.arange(4096, dtype=np.uint64)).repeat(2)     # 8192 writes, one burst
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.03, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            v.run(plan, 3)
+            timer.join()                   # the guest finished first: wait for the signal here
+    finally:
+        timer.cancel()
+    left = v.remaining
+    assert 0 <= left < plan.size
+    ex = v.run()
+    assert ex.reason == EXIT_HLT and ex.writes == left and v.remaining == 0
+    assert (vm.memory(1)[:4096] == 3).all()
