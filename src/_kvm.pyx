@@ -506,15 +506,24 @@ cdef class Vm(_Fd):
             if r.memory_size > memory.size:
                 raise ValueError(f"memory_size {r.memory_size} exceeds the mapping ({memory.size} bytes)")
             r.userspace_addr = <uintptr_t>memory.addr
-        self._ioctl_ptr(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
+            # Pinned before the GIL is released for the ioctl: a close() of the
+            # mapping in another thread meanwhile cannot unmap what the kernel
+            # is registering.
+            memory._pin()
+        try:
+            self._ioctl_ptr(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
+        except BaseException:
+            if r.memory_size != 0:
+                memory._unpin()
+            raise
         # Deleted: the kernel has waited for every vCPU to leave the old slot
         # (synchronize_srcu) before returning, so its memory may be unpinned.
         old = self.slots.pop(r.slot, None)
         if r.memory_size != 0:
-            memory._pin()
             self.slots[r.slot] = (r.memory_size // _PAGE_SIZE, memory)
         if old is not None:
             (<Mapping>old[1])._unpin()
+        self._maybe_release_memory()     # the VM may have been closed during the ioctl
 
     def get_dirty_log(self, slot) -> np.ndarray:
         """KVM_GET_DIRTY_LOG into a new uint64 array of ceil(npages/64) words."""

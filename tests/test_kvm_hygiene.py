@@ -352,3 +352,38 @@ def test_kvm_cannot_be_initialized_twice():
         k.__init__("/dev/kvm")
     assert fd_count() == before and k.api_version() == 12
     k.close()
+
+
+def _mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("end", ["delete-slot", "close-vm"])
+def test_a_registered_mapping_stays_mapped_until_its_slot_is_gone(end):
+    """Mapping.close() on memory a memslot uses only marks it: unmapped when the
+    slot is deleted, or the VM fd (with no vCPU fd left) is closed."""
+    k = _kvm.Kvm()
+    vm = k.create_vm()
+    m = _kvm.Mapping(MB)
+    vm.set_user_memory_region(0, 0, 0, MB, m)
+    addr = m.address
+    m.close()
+    assert m.closed and _mapped(addr)
+    with pytest.raises(ValueError):                         # a closed mapping is never registered
+        vm.set_user_memory_region(1, 0, 16 * MB, MB, m)
+    v = vm.create_vcpu(0)
+    if end == "delete-slot":
+        vm.set_user_memory_region(0, 0, 0, 0, None)
+        assert not _mapped(addr)
+    else:
+        vm.close()
+        assert _mapped(addr)                                # the vCPU fd keeps the kernel VM
+        v.close()
+        assert not _mapped(addr)
+    vm.close()
+    k.close()
