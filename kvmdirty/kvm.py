@@ -117,7 +117,7 @@ class KvmVcpu:
         self._fd = fd
         # A weak reference: the VM owns its vCPUs; no cycle, so dropping the VM frees it.
         self._vm = weakref.ref(vm)
-        #: This vCPU's own plan area (guest memory at plan_gpa).
+        #: This vCPU's own plan area (guest.plan_offset(area) in the private slot).
         self._area = area
         self._plan_area = np.frombuffer(vm._private, dtype=np.uint64, count=guest.PLAN_CAPACITY,
                                         offset=guest.plan_offset(area))
