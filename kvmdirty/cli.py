@@ -7,21 +7,36 @@ returns the function that runs it (``args -> exit status``), so new ones
     kvmdirty compare   every dirty-tracking design on one workload (the main job)
     kvmdirty info      what this machine's /dev/kvm offers (kvmdirty.info)
 
-Exit status: 0 ok, 1 a run lost writes or broke the protocol, 2 bad usage.
+Exit status: 0 ok, 1 a run lost writes or broke the protocol, 2 bad usage
+(always exactly one line on stderr, never a traceback), 130 interrupted,
+141 stdout closed early (e.g. ``| head``: quietly, as a tool killed by
+SIGPIPE).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import os
 import re
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NoReturn, Optional
 
 from .bench import add_parser as _add_bench
 
 Handler = Callable[[argparse.Namespace], int]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``kvmdirty compare: error: ...`` and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def parse_size(text: str) -> int:
@@ -33,18 +48,42 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _int_at_least(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {v}")
+        return v
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _float_in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """A finite float in [lo, hi] (open at either end if asked): NaN and inf never pass."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {left}{lo:g}, {hi:g}{right}, got {v:g}")
+        return v
+    return parse
 
 
 def _rate(text: str):
-    parts = [_positive_int(p) for p in text.split(",")]
+    from .workloads import MAX_RATE
+    parts = [_int_at_least(1, MAX_RATE)(p) for p in text.split(",")]
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -62,18 +101,18 @@ def _add_compare(sub) -> Handler:
     g.add_argument("--vcpus", type=_positive_int, default=4, help="vCPUs (default 4)")
     g.add_argument("--slots", type=_positive_int, default=1, help="memslots memory is split into (default 1)")
     g.add_argument("--pattern", choices=PATTERNS, default="uniform", help="write pattern (default uniform)")
-    g.add_argument("--hot-fraction", type=float, default=d.hot_fraction,
+    g.add_argument("--hot-fraction", type=_float_in(0, 1, lo_open=True), default=d.hot_fraction,
                    help=f"hotcold: fraction of memory that is hot (default {d.hot_fraction})")
-    g.add_argument("--hot-share", type=float, default=d.hot_share,
+    g.add_argument("--hot-share", type=_float_in(0, 1), default=d.hot_share,
                    help=f"hotcold: share of writes to hot pages (default {d.hot_share})")
     g.add_argument("--stride", type=_positive_int, default=d.stride,
                    help=f"strided: pages between writes (default {d.stride})")
-    g.add_argument("--zipf-s", type=float, default=d.zipf_s, help=f"zipf: exponent (default {d.zipf_s})")
+    g.add_argument("--zipf-s", type=_float_in(0, 1000, lo_open=True), default=d.zipf_s, help=f"zipf: exponent (default {d.zipf_s})")
     g.add_argument("--trace", help="trace: file of gfns (.npy or text; see kvmdirty.workloads)")
     amount = g.add_mutually_exclusive_group()
     amount.add_argument("--writes", type=_positive_int, default=None,
-                        help="writes per vCPU (default 2000000)")
-    amount.add_argument("--duration", type=float, default=None,
+                        help="writes per vCPU (default 2000000; 20000 with --backend kvm)")
+    amount.add_argument("--duration", type=_float_in(0, 1e6, lo_open=True), default=None,
                         help="seconds per design instead of a write count (threads only)")
     g.add_argument("--rate", type=_rate, default=None,
                    help="writes per step per vCPU, one number or a comma list (default 4096 "
@@ -84,7 +123,7 @@ def _add_compare(sub) -> Handler:
     t.add_argument("--list-designs", action="store_true", help="print the designs and exit")
     t.add_argument("--ring-entries", type=_positive_int, default=4096,
                    help="dirty ring entries per vCPU (default 4096)")
-    t.add_argument("--interval", type=float, default=10.0,
+    t.add_argument("--interval", type=_float_in(0, 3.6e6, lo_open=True), default=10.0,
                    help="threads: harvest every this many ms (default 10)")
     t.add_argument("--period", type=_positive_int, default=8,
                    help="deterministic: harvest every this many steps (default 8)")
@@ -94,7 +133,7 @@ def _add_compare(sub) -> Handler:
                       help="vCPUs in threads, truly concurrent (default)")
     mode.add_argument("--deterministic", dest="mode", action="store_const", const="deterministic",
                       help="vCPUs interleaved in one thread by a seeded schedule")
-    r.add_argument("--seed", type=int, default=0, help="seed of the workload and schedule (default 0)")
+    r.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the workload and schedule (default 0)")
     r.add_argument("--check", choices=CHECKS, default="shadow",
                    help="verifier: shadow copy (default), the kernel selftest's check, both, none")
     r.add_argument("--rounds", type=_positive_int, default=None,
@@ -108,7 +147,7 @@ def _add_compare(sub) -> Handler:
 
 def _compare(args: argparse.Namespace) -> int:
     from .collectors import BASE_DESIGNS, all_designs
-    from .compare import compare, format_table, to_json
+    from .compare import compare, format_table, to_json_text
     from .progress import Progress
     from .runner import RunSpec
     from .workloads import Workload
@@ -132,7 +171,8 @@ def _compare(args: argparse.Namespace) -> int:
         memory=args.memory, slots=args.slots, vcpus=args.vcpus,
         workload=Workload(args.pattern, hot_fraction=args.hot_fraction, hot_share=args.hot_share,
                           stride=args.stride, zipf_s=args.zipf_s, trace=args.trace),
-        writes=args.writes or 2_000_000, duration=args.duration,
+        writes=args.writes or (20_000 if args.backend == "kvm" else 2_000_000),
+        duration=args.duration,
         rate=args.rate or (4096 if args.mode == "threads" else 1024),
         mode=args.mode, period=args.period, interval=args.interval / 1e3,
         ring_entries=args.ring_entries, rounds=rounds, check=args.check,
@@ -140,8 +180,7 @@ def _compare(args: argparse.Namespace) -> int:
     with Progress(len(designs or all_designs()), enabled=None if not args.json else False) as bar:
         results = compare(spec, designs, progress=bar)
     if args.json:
-        json.dump(to_json(results, spec), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(to_json_text(results, spec) + "\n")
     else:
         print(format_table(results, spec))
     return 0 if all(r.ok for r in results) else 1
@@ -168,7 +207,7 @@ COMMANDS = [
 
 
 def build_parser() -> "tuple[argparse.ArgumentParser, Dict[str, Handler]]":
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvmdirty", description="Linux KVM dirty-page tracking, simulated and real.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"kvmdirty {__version__}")
@@ -177,17 +216,38 @@ def build_parser() -> "tuple[argparse.ArgumentParser, Dict[str, Handler]]":
     return parser, handlers
 
 
+#: Exit status when stdout was closed under us (128 + SIGPIPE, as a shell reports it).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser, handlers = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    """Run the command; bad input of any kind ends in one stderr line and exit 2."""
     try:
-        return handlers[args.command](args)
-    except (ValueError, OSError) as e:
-        print(f"kvmdirty {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"kvmdirty {args.command}: interrupted", file=sys.stderr)
-        return 130
+        parser, handlers = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            sys.stdout.flush()
+            return 2
+        try:
+            status = handlers[args.command](args)
+            sys.stdout.flush()
+            return status
+        except BrokenPipeError:
+            raise
+        # Bad input reaches here as these (a huge size may surface as MemoryError
+        # or OverflowError from numpy): one line, never a traceback.
+        except (ValueError, OSError, OverflowError, MemoryError) as e:
+            print(f"kvmdirty {args.command}: error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"kvmdirty {args.command}: interrupted", file=sys.stderr)
+            return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``). As the Python docs advise: point
+        # stdout at /dev/null so the interpreter's final flush cannot fail
+        # again, and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE

@@ -16,11 +16,16 @@ read page contents right away: a write after that read is logged again.
 
 Only the public VM API is used, so the bitmap, clear-log and ring collectors
 also drive real KVM (kvmdirty.kvm).
+
+A harvest that fails part-way (an error or Ctrl-C after some slots' bitmaps
+or some vCPUs' rings were already taken, which cleared them in the kernel)
+keeps what it took and hands it out with the next harvest: pages taken are
+never dropped.
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,6 +62,8 @@ class Collector:
     """Base: the design's setup and its harvest."""
 
     name = ""
+    #: What a failed harvest had already taken: handed out by the next one.
+    _carry: Optional[Harvest] = None
 
     def vm_options(self) -> dict:
         return {}
@@ -68,6 +75,17 @@ class Collector:
         self.vm, self.slots, self.vcpus = vm, list(slots), list(vcpus)
 
     def harvest(self) -> Harvest:
+        """Pages logged since the last harvest (and any a failed harvest had taken)."""
+        out, self._carry = (self._carry or {}), None
+        try:
+            self._harvest_into(out)
+        except BaseException:
+            self._carry = out          # taken from the kernel already: never dropped
+            raise
+        return out
+
+    def _harvest_into(self, out: Harvest) -> None:
+        """Add the design's harvest to ``out`` (with _merge) as it goes."""
         raise NotImplementedError
 
     @property
@@ -76,15 +94,18 @@ class Collector:
         return []
 
 
+def _merge(out: Harvest, sid: int, offs: np.ndarray) -> None:
+    prev = out.get(sid)
+    out[sid] = offs if prev is None or len(prev) == 0 else np.concatenate([prev, offs])
+
+
 class BitmapCollector(Collector):
     name = "bitmap"
 
-    def harvest(self) -> Harvest:
-        out: Harvest = {}
+    def _harvest_into(self, out: Harvest) -> None:
         for sid, _base, _n in self.slots:
             words = self.vm.get_dirty_log(sid)       # harvest + protect + flush
-            out[sid] = _bitmap.to_gfns(words, 0)
-        return out
+            _merge(out, sid, _bitmap.to_gfns(words, 0))
 
 
 class ClearLogCollector(Collector):
@@ -93,16 +114,15 @@ class ClearLogCollector(Collector):
     def configure(self, vm) -> None:
         vm.enable_manual_protect(initially_set=True)
 
-    def harvest(self) -> Harvest:
-        out: Harvest = {}
+    def _harvest_into(self, out: Harvest) -> None:
         for sid, _base, npages in self.slots:
             words = self.vm.get_dirty_log(sid)       # a copy; nothing cleared yet
             offs = _bitmap.to_gfns(words, 0)
             if len(offs):
                 # Re-protect exactly what we read; later writes set the bits again.
+                # (If this fails the bits stay set: the next harvest reads them.)
                 self.vm.clear_dirty_log(sid, 0, npages, words)
-            out[sid] = offs
-        return out
+            _merge(out, sid, offs)
 
 
 class RingCollector(Collector):
@@ -111,23 +131,22 @@ class RingCollector(Collector):
     def __init__(self, entries: int) -> None:
         self.entries = int(entries)
         self._problems: List[str] = []
+        self._unreset = 0          # entries collected (marked RESET) and not yet reset
 
     def configure(self, vm) -> None:
         vm.enable_dirty_ring(self.entries)
 
-    def harvest(self) -> Harvest:
-        slots, offs = [], []
+    def _harvest_into(self, out: Harvest) -> None:
         for v in self.vcpus:
             s, o = v.dirty_ring.collect()
-            slots.append(s)
-            offs.append(o)
-        n = sum(len(o) for o in offs)
+            self._unreset += len(o)
+            for sid, offs in _group(s, o).items():
+                _merge(out, sid, offs)
         reset = self.vm.reset_dirty_rings()
+        n, self._unreset = self._unreset, 0
         if reset != n:
             # QEMU asserts this: the kernel must re-arm exactly what was harvested.
             self._problems.append(f"KVM_RESET_DIRTY_RINGS reset {reset} entries, {n} were harvested")
-        return _group(np.concatenate(slots) if slots else np.zeros(0, np.uint32),
-                      np.concatenate(offs) if offs else np.zeros(0, np.uint64))
 
     @property
     def problems(self) -> List[str]:
@@ -143,9 +162,9 @@ class SeedCollector(Collector):
     def vm_options(self) -> dict:
         return {"design": self.name}
 
-    def harvest(self) -> Harvest:
-        h = self.vm.design.harvest()
-        return {int(k): np.asarray(v, dtype=np.uint64) for k, v in h.items()}
+    def _harvest_into(self, out: Harvest) -> None:
+        for k, v in self.vm.design.harvest().items():
+            _merge(out, int(k), np.asarray(v, dtype=np.uint64))
 
 
 def _group(slots: np.ndarray, offs: np.ndarray) -> Harvest:

@@ -8,6 +8,8 @@ number comes from the run of that row.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import platform
 from typing import Callable, List, Optional, Sequence
 
@@ -67,7 +69,9 @@ def _cell(r: RunResult, key: str) -> str:
         return _si(r.writes_per_s)
     if key == "lost_pages":
         n = r.lost_pages if r.lost_pages is not None else r.violations
-        return "-" if n is None else f"{n:,}"
+        if n is None:
+            return "-"
+        return f"{n + (r.unwritten_pages or 0):,}"
     v = getattr(r, key)
     if v is None:
         return "-"
@@ -112,3 +116,19 @@ def to_json(results: Sequence[RunResult], spec: RunSpec) -> dict:
         "results": [r.to_dict() for r in results],
         "ok": all(r.ok for r in results),
     }
+
+
+def _finite(x):
+    """``x`` with every non-finite float (NaN, inf) replaced by None: JSON has no such numbers."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def to_json_text(results: Sequence[RunResult], spec: RunSpec) -> str:
+    """``to_json`` as strict JSON text (non-finite numbers become null)."""
+    return json.dumps(_finite(to_json(results, spec)), indent=2, allow_nan=False)

@@ -15,19 +15,25 @@ write plan (absolute guest frame numbers stored in guest memory), then halts:
 Guest instructions cost ~4 us on nested hosts, so the loop is kept to six
 instructions per write and uses no stack.
 
-Private memory. Code, page tables and the plan live in one memslot that is
+Private memory. Code, page tables and the plans live in one memslot that is
 never dirty-logged, so dirty bitmaps and ring entries only ever name the
 user's slots:
     slot id   KvmVM.private_slot: NR_MEMSLOTS - 1 (32763 on x86), reserved
-    GPA       PRIVATE_GPA = 64 GiB - 16 MiB, PRIVATE_SIZE = 8 MiB
+    GPA       PRIVATE_GPA = 3.5 GiB: inside the PCI hole that every guest
+              layout of kvmdirty leaves below 4 GiB (see runner.ram_ranges:
+              RAM below 4 GiB ends at 3 GiB or 3.5 GiB, as on QEMU's pc
+              machine), below the IOAPIC (0xFEC00000) and the LAPIC
+              (0xFEE00000) pages, so no guest RAM of any size can reach it.
               +0x000000 code (one page)
-              +0x001000 PML4, +0x002000 PDPT, +0x003000 64 page directories
-              +0x100000 the plan (7 MiB: 917,504 gfns per chunk)
-Without KVM_SET_CPUID2 the guest's MAXPHYADDR is 36 bits, so everything the
-guest can address lies below 64 GiB. The page tables identity-map all of it
-with 2 MiB pages, once: whatever slots the user registers later are already
-mapped (no rebuild needed), and a write to a gfn outside every slot reaches
-KVM as MMIO instead of faulting the guest.
+              +0x001000 PML4, +0x002000 PDPT, +0x003000 512 page directories
+              +0x400000 plan areas: PLAN_AREA_BYTES per vCPU (vCPU k, in
+                        creation order, owns area k: 8,192 gfns per chunk).
+              Size private_size(n) for n vCPUs.
+The page tables identity-map the first 512 GiB with 2 MiB pages, once:
+whatever slots the user registers later are already mapped, and a write to a
+gfn outside every slot reaches KVM as MMIO instead of faulting the guest. The
+guest's MAXPHYADDR is the host's (KvmVM sets KVM_GET_SUPPORTED_CPUID), so the
+guest can address min(512 GiB, 2**MAXPHYADDR) (KvmVM.guest_phys_limit).
 """
 from __future__ import annotations
 
@@ -35,25 +41,44 @@ from typing import Dict
 
 import numpy as np
 
-GUEST_PHYS_LIMIT = 1 << 36                 # guest MAXPHYADDR without CPUID
+GUEST_PHYS_LIMIT = 1 << 39                 # what the page tables map (one PDPT)
 GUEST_GFN_LIMIT = GUEST_PHYS_LIMIT >> 12
 
-PRIVATE_SIZE = 8 << 20
-PRIVATE_GPA = GUEST_PHYS_LIMIT - (16 << 20)
+# The start of the PCI hole of a 3.5 GiB-lowmem layout (and inside the hole
+# of a 3 GiB one), and where the private region may end: the IOAPIC page.
+PRIVATE_GPA = 0xE000_0000
+PRIVATE_END_LIMIT = 0xFEC0_0000
 CODE_OFFSET = 0x0
 PML4_OFFSET = 0x1000
 PDPT_OFFSET = 0x2000
 PD_OFFSET = 0x3000
 N_PD = GUEST_PHYS_LIMIT >> 30              # one page directory per GiB
-PLAN_OFFSET = 0x100000
-PLAN_CAPACITY = (PRIVATE_SIZE - PLAN_OFFSET) // 8
+PLAN_OFFSET = 0x400000
+PLAN_AREA_BYTES = 64 << 10                 # one vCPU's plan chunk
+PLAN_CAPACITY = PLAN_AREA_BYTES // 8
+#: The most plan areas that fit between PRIVATE_GPA and the IOAPIC page.
+MAX_PLAN_AREAS = (PRIVATE_END_LIMIT - PRIVATE_GPA - PLAN_OFFSET) // PLAN_AREA_BYTES
 
 # Writes per KVM_RUN when a dirty ring is on: well below the ring's 64-entry
 # reserve (see kvm.KvmVcpu._start_burst).
 RING_BURST = 32
 
+
+
+def private_size(areas: int) -> int:
+    """Bytes of the private region holding `areas` plan areas."""
+    if not 1 <= areas <= MAX_PLAN_AREAS:
+        raise ValueError(f"plan areas must be in [1, {MAX_PLAN_AREAS}], got {areas}")
+    return PLAN_OFFSET + areas * PLAN_AREA_BYTES
+
+
+def plan_offset(area: int) -> int:
+    """Byte offset of plan area `area` in the private region."""
+    return PLAN_OFFSET + area * PLAN_AREA_BYTES
+
+
 PRIVATE_GFN_FIRST = PRIVATE_GPA >> 12
-PRIVATE_GFN_END = (PRIVATE_GPA + PRIVATE_SIZE) >> 12
+PRIVATE_GFN_END = PRIVATE_END_LIMIT >> 12      # reserved whatever the region's size
 
 # (offset, bytes, instruction): verified with objdump -D -b binary -mi386:x86-64
 _PROGRAM = (
@@ -110,12 +135,15 @@ def long_mode_sregs(cr3: int) -> Dict[str, object]:
                 cr3=cr3, cr4=CR4_PAE, efer=EFER_LME | EFER_LMA)
 
 
-def start_regs(base_gpa: int, first: int, count: int, value: int) -> Dict[str, int]:
-    """Registers that run the loop over plan entries [first, first + count) writing `value`."""
+def start_regs(base_gpa: int, first: int, count: int, value: int,
+               area: int = 0) -> Dict[str, int]:
+    """Registers that run the loop over entries [first, first + count) of plan area
+    `area`, writing `value`."""
     if count <= 0:
         raise ValueError("the loop needs count >= 1 (dec rcx would wrap)")
-    return dict(rip=base_gpa + CODE_OFFSET, rsi=base_gpa + PLAN_OFFSET + 8 * first,
-                rcx=count, rax=value, rdx=0, rflags=0x2, rsp=base_gpa + PLAN_OFFSET)
+    plan = base_gpa + plan_offset(area)
+    return dict(rip=base_gpa + CODE_OFFSET, rsi=plan + 8 * first,
+                rcx=count, rax=value, rdx=0, rflags=0x2, rsp=plan)
 
 
 def writes_done(rip: int, rcx: int, count: int, base_gpa: int = PRIVATE_GPA) -> int:

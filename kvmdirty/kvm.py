@@ -4,8 +4,14 @@ Same methods, arguments, exits and errno as the simulated `vm.VM` / `vm.Vcpu`
 (see api.VMProtocol), so user code, the runner and the verifier work on
 either. Guest memory of every slot is an anonymous MAP_NORESERVE mapping owned
 by the VM. The vCPU runs the tiny program of `guest.py` from a private,
-never-logged memslot (slot `KvmVM.private_slot` at guest.PRIVATE_GPA; the
-user may not use that slot id nor overlap that range).
+never-logged memslot (slot `KvmVM.private_slot` at guest.PRIVATE_GPA, in the
+PCI hole below 4 GiB; the user may not use that slot id nor overlap that
+range). Each vCPU has its own plan area there (guest.plan_offset), so vCPUs
+stopped and resumed in any order never run each other's plans.
+
+Concurrency: the VM ioctls whose checks KVM makes under kvm->lock or
+slots_lock (creating vCPUs, enabling the ring, changing memslots) run under
+`KvmVM._lock` here together with the bookkeeping they check and update.
 """
 from __future__ import annotations
 
@@ -58,13 +64,21 @@ class KvmDirtyRing:
         self.entries = entries
         #: Free-running index of the next entry to harvest (as in the kernel selftest).
         self.fetch_index = 0
+        # Collectors are serialised: two reading from one fetch_index would
+        # both take (and report) the same entries.
+        self._collect_lock = threading.Lock()
 
     def collect(self, max_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Harvest in order while flags == DIRTY, marking each RESET; (slots u32, offsets u64)."""
-        if self._buf is None:
-            raise KvmError(errno.EBADF, "collect", "the vCPU is closed")
+        """Harvest in order while flags == DIRTY, marking each RESET; (slots u32, offsets u64).
+
+        Safe from several threads: each entry goes to exactly one caller.
+        """
         from ._ring import collect
-        slots, offsets, self.fetch_index = collect(self._buf, self.fetch_index, max_count)
+        with self._collect_lock:
+            buf = self._buf
+            if buf is None:
+                raise KvmError(errno.EBADF, "collect", "the vCPU is closed")
+            slots, offsets, self.fetch_index = collect(buf, self.fetch_index, max_count)
         return slots, offsets
 
     def entries_view(self) -> np.ndarray:
@@ -94,16 +108,29 @@ class KvmDirtyRing:
 class KvmVcpu:
     """A real vCPU running kvmdirty's write-plan guest."""
 
-    def __init__(self, vm: "KvmVM", vcpu_id: int, fd: _kvm.Vcpu, ring_bytes: int) -> None:
+    def __init__(self, vm: "KvmVM", vcpu_id: int, fd: _kvm.Vcpu, area: int, ring_bytes: int) -> None:
+        """Set up the kernel vCPU `fd`; on failure nothing is left behind but `fd`
+        itself (the caller keeps it for a retry: the kernel cannot destroy it)."""
         self.id = vcpu_id
         self._fd = fd
         # A weak reference: the VM owns its vCPUs; no cycle, so dropping the VM frees it.
         self._vm = weakref.ref(vm)
-        self._plan_area = vm._plan_area
+        #: This vCPU's own plan area (guest.plan_offset(area) in the private slot).
+        self._area = area
+        self._plan_area = np.frombuffer(vm._private, dtype=np.uint64, count=guest.PLAN_CAPACITY,
+                                        offset=guest.plan_offset(area))
+        self._gfn_limit = vm.guest_phys_limit >> PAGE_SHIFT
+        # Kernel state first: repeating these on a retry is harmless.
+        fd.set_cpuid(vm._cpuid)
+        fd.set_sregs(guest.long_mode_sregs(guest.PRIVATE_GPA + guest.PML4_OFFSET))
         self._ring: Optional[KvmDirtyRing] = None
         if ring_bytes:
-            self._ring = KvmDirtyRing(fd.map_dirty_ring(ring_bytes), ring_bytes // 16)
-        fd.set_sregs(guest.long_mode_sregs(guest.PRIVATE_GPA + guest.PML4_OFFSET))
+            mapping = fd.map_dirty_ring(ring_bytes)
+            try:
+                self._ring = KvmDirtyRing(mapping, ring_bytes // 16)
+            except BaseException:
+                mapping.close()
+                raise
         self._plan = np.zeros(0, dtype=np.uint64)
         self._value = 0
         self._chunk_start = 0     # plan index of the chunk held in guest memory
@@ -168,7 +195,18 @@ class KvmVcpu:
                 if budget is not None and self._done - start >= budget:
                     return Exit(EXIT_BUDGET, self._done - start, self._plan.size - self._done)
                 self._start_burst(None if budget is None else budget - (self._done - start))
-            reason = self._fd.run()
+            try:
+                reason = self._fd.run()
+            except BaseException:
+                # Ctrl-C (or a close) between KVM_RUN retries: keep the
+                # position, so `remaining` is right and run() resumes there.
+                try:
+                    regs = self._fd.get_regs()
+                    self._done = self._burst_start + guest.writes_done(regs["rip"], regs["rcx"],
+                                                                       self._burst_len)
+                except BaseException:
+                    pass
+                raise
             regs = self._fd.get_regs()
             self._done = self._burst_start + guest.writes_done(regs["rip"], regs["rcx"], self._burst_len)
             if reason == EXIT_HLT and self._done == self._burst_start + self._burst_len:
@@ -178,13 +216,14 @@ class KvmVcpu:
 
     def _set_plan(self, plan: np.ndarray, value: int) -> None:
         if plan.size:
-            if int(plan.max()) >= guest.GUEST_GFN_LIMIT:
-                raise ValueError(f"gfns must be below {guest.GUEST_GFN_LIMIT:#x} (36-bit guest physical addresses)")
+            if int(plan.max()) >= self._gfn_limit:
+                raise ValueError(f"gfns must be below {self._gfn_limit:#x} (what this guest can address)")
             if ((plan >= guest.PRIVATE_GFN_FIRST) & (plan < guest.PRIVATE_GFN_END)).any():
                 raise ValueError("gfns must not name the guest program's private memory")
-        self._plan, self._value = plan, value
-        self._chunk_start = self._chunk_len = self._done = 0
-        self._burst_start = self._burst_len = 0
+        # One dict update (no Python code runs inside it): a Ctrl-C cannot
+        # leave a new plan with the old plan's position.
+        self.__dict__.update(_plan=plan, _value=value, _chunk_start=0, _chunk_len=0, _done=0,
+                             _burst_start=0, _burst_len=0)
 
     def _start_burst(self, budget: Optional[int]) -> None:
         """Point the registers at the next burst of the plan (loading its chunk first).
@@ -204,7 +243,8 @@ class KvmVcpu:
         n = min(left, guest.RING_BURST) if self._ring is not None else left
         if budget is not None:
             n = min(n, budget)
-        self._fd.set_regs(guest.start_regs(guest.PRIVATE_GPA, done - self._chunk_start, n, self._value))
+        self._fd.set_regs(guest.start_regs(guest.PRIVATE_GPA, done - self._chunk_start, n, self._value,
+                                           self._area))
         self._burst_start, self._burst_len = done, n
 
     def exit_info(self) -> Dict[str, Any]:
@@ -227,18 +267,24 @@ class KvmVM:
     def __init__(self, *, path: str = "/dev/kvm", vm_type: int = 0) -> None:
         self._slots: Dict[int, _Slot] = {}
         self._vcpus: Dict[int, KvmVcpu] = {}
+        # Kernel vCPUs whose set-up failed: (fd, plan area), returned by a retry.
+        self._pending: Dict[int, Tuple[_kvm.Vcpu, int]] = {}
+        self._areas_used = 0
         self._ring_bytes = 0
         self._closed = False
+        self._lock = threading.RLock()
         self._sys = _kvm.Kvm(path)
         try:
             self._vm = self._sys.create_vm(vm_type)
             self.private_slot = self._sys.check_extension(_uapi.CAP_NR_MEMSLOTS) - 1
-            self._private = _kvm.Mapping(guest.PRIVATE_SIZE)
+            self._cpuid = self._sys.supported_cpuid()
+            #: Guest physical addresses below this are reachable by the guest program.
+            self.guest_phys_limit = min(guest.GUEST_PHYS_LIMIT, 1 << _maxphyaddr(self._cpuid))
+            self._max_areas = min(self._vm.check_extension(_uapi.CAP_MAX_VCPUS), guest.MAX_PLAN_AREAS)
+            self._private = _kvm.Mapping(guest.private_size(self._max_areas))
             guest.write_image(np.frombuffer(self._private, dtype=np.uint8))
-            self._plan_area = np.frombuffer(self._private, dtype=np.uint64,
-                                            offset=guest.PLAN_OFFSET)
             self._vm.set_user_memory_region(self.private_slot, 0, guest.PRIVATE_GPA,
-                                            guest.PRIVATE_SIZE, self._private)
+                                            self._private.size, self._private)
         except BaseException:
             self.close()
             raise
@@ -255,22 +301,28 @@ class KvmVM:
 
     def close(self) -> None:
         """Close vCPUs, the VM and /dev/kvm; unmap guest memory (views keep theirs alive)."""
-        if self._closed:
-            return
-        self._closed = True
-        for v in self._vcpus.values():
-            v.close()
-        self._vcpus.clear()
-        for attr in ("_vm", "_sys"):
-            fd = getattr(self, attr, None)
-            if fd is not None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for v in self._vcpus.values():
+                v.close()
+            self._vcpus.clear()
+            for fd, _area in self._pending.values():
                 fd.close()
-        for s in self._slots.values():
-            s.mapping.close()
-        self._slots.clear()
-        self._plan_area = None
-        if getattr(self, "_private", None) is not None:
-            self._private.close()
+            self._pending.clear()
+            for attr in ("_vm", "_sys"):
+                fd = getattr(self, attr, None)
+                if fd is not None:
+                    fd.close()
+            # Unmapped only once no vCPU can reach them any more: a vCPU still
+            # inside KVM_RUN in another thread keeps its fd (and the kernel VM)
+            # open until it returns; _kvm pins slot memory until then.
+            for s in self._slots.values():
+                s.mapping.close()
+            self._slots.clear()
+            if getattr(self, "_private", None) is not None:
+                self._private.close()
 
     def __enter__(self) -> "KvmVM":
         return self
@@ -288,9 +340,17 @@ class KvmVM:
         return self._fd("KVM_CHECK_EXTENSION").check_extension(cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        self._fd("KVM_ENABLE_CAP").enable_cap(cap, args, flags)
-        if cap in (_uapi.CAP_DIRTY_LOG_RING, _uapi.CAP_DIRTY_LOG_RING_ACQ_REL):
-            self._ring_bytes = args[0]
+        """KVM_ENABLE_CAP; arguments go to the kernel unchanged.
+
+        Runs under the VM lock with create_vcpu: KVM refuses the ring once a
+        vCPU exists (checked under kvm->lock), and every vCPU created after
+        it must map the ring of the size the kernel took.
+        """
+        with self._lock:
+            self._fd("KVM_ENABLE_CAP").enable_cap(cap, args, flags)
+            if cap in (_uapi.CAP_DIRTY_LOG_RING, _uapi.CAP_DIRTY_LOG_RING_ACQ_REL):
+                # The kernel takes the ring size as a u32 (kvm_vm_ioctl_enable_dirty_log_ring).
+                self._ring_bytes = int(args[0]) & 0xFFFFFFFF
 
     def enable_dirty_ring(self, entries: int, *, acq_rel: bool = True) -> None:
         """Enable a dirty ring of `entries` 16-byte entries per vCPU (before any vCPU)."""
@@ -314,6 +374,10 @@ class KvmVM:
         gpa = _int(guest_phys_addr, "guest_phys_addr")
         size = _int(memory_size, "memory_size")
         flags = _int(flags, "flags", 32)
+        with self._lock:
+            self._set_region(slot, gpa, size, flags)
+
+    def _set_region(self, slot: int, gpa: int, size: int, flags: int) -> None:
         vm = self._fd(_SLOT_IOCTL)
         if slot == self.private_slot:
             raise KvmError(errno.EINVAL, _SLOT_IOCTL, f"slot {slot} is reserved for kvmdirty's guest program")
@@ -355,15 +419,28 @@ class KvmVM:
 
     # -- vCPUs --------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> KvmVcpu:
+        """KVM_CREATE_VCPU and its set-up; a failed call changes nothing visible.
+
+        The kernel cannot destroy a vCPU, so when the set-up fails after
+        KVM_CREATE_VCPU the kernel vCPU is kept (not in `vcpus`) and a retry
+        with the same id finishes the set-up instead of failing EEXIST.
+        """
         vcpu_id = _int(vcpu_id, "vcpu_id", 32)
-        fd = self._fd("KVM_CREATE_VCPU").create_vcpu(vcpu_id)
-        try:
-            v = KvmVcpu(self, vcpu_id, fd, self._ring_bytes)
-        except BaseException:
-            fd.close()
-            raise
-        self._vcpus[vcpu_id] = v
-        return v
+        with self._lock:
+            vm = self._fd("KVM_CREATE_VCPU")
+            pending = self._pending.get(vcpu_id)
+            if pending is None:
+                if vcpu_id not in self._vcpus and self._areas_used >= self._max_areas:
+                    raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU",
+                                   f"at most {self._max_areas} vCPUs per VM")
+                fd = vm.create_vcpu(vcpu_id)
+                pending = self._pending[vcpu_id] = (fd, self._areas_used)
+                self._areas_used += 1
+            fd, area = pending
+            v = KvmVcpu(self, vcpu_id, fd, area, self._ring_bytes)
+            del self._pending[vcpu_id]
+            self._vcpus[vcpu_id] = v
+            return v
 
     # -- dirty logging ------------------------------------------------------
     def get_dirty_log(self, slot: int) -> np.ndarray:
@@ -380,6 +457,12 @@ class KvmVM:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._slots)} slots, {len(self._vcpus)} vCPUs"
         return f"<KvmVM {state}>"
+
+
+def _maxphyaddr(cpuid: np.ndarray) -> int:
+    """The guest's MAXPHYADDR from CPUID leaf 0x80000008 (36 without it, as on x86)."""
+    leaf = cpuid[cpuid["function"] == 0x80000008]
+    return int(leaf["eax"][0]) & 0xFF if len(leaf) else 36
 
 
 def open_vm(backend: str = "sim", **kw: Any) -> Any:

@@ -18,10 +18,17 @@ then resumes.  A run is ``rounds`` rounds; at the end of each one the vCPUs are
 stopped and everything is harvested (the selftest's check runs there); the
 last one is the migration's stop-and-copy.  Every number in the result is
 measured in the run.
+
+Guest memory is laid out as on QEMU's pc machine (``ram_ranges``): RAM from
+gfn 0 up to a hole below 4 GiB (the PCI hole, holding the IOAPIC and LAPIC
+pages: on real KVM a write there is MMIO, not memory), the rest from 4 GiB
+up.  The same slots are created on both backends, so they agree.  Workload
+plans name RAM page indices; ``ram_gfns`` maps them to gfns.
 """
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import threading
 import time
@@ -32,7 +39,7 @@ import numpy as np
 
 from .api import EXIT_BUDGET, EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL, EXIT_HLT, PAGE_SIZE
 from .collectors import Collector, make_collector
-from .verify import Check, SelftestCheck, ShadowCopy
+from .verify import Check, FinalValues, SelftestCheck, ShadowCopy
 from .workloads import Workload, rates
 
 MODES = ("threads", "deterministic")
@@ -85,11 +92,11 @@ class RunSpec:
         if self.duration is None and self.writes < 1:
             raise ValueError("writes must be >= 1")
         if self.duration is not None:
-            if self.duration <= 0:
+            if not (math.isfinite(self.duration) and self.duration > 0):
                 raise ValueError("duration must be positive")
             if self.mode != "threads":
                 raise ValueError("duration needs threads; deterministic runs count writes")
-        if self.period < 1 or self.interval <= 0:
+        if self.period < 1 or not (math.isfinite(self.interval) and self.interval > 0):
             raise ValueError("period must be >= 1 step and interval > 0 seconds")
         for k in self.ring_knobs:
             if k not in RING_KNOBS:
@@ -128,13 +135,15 @@ class RunResult:
     check: str
     lost_pages: Optional[int]
     violations: Optional[int]
+    unwritten_pages: Optional[int]     # pages not holding what the plans wrote (FinalValues)
     lost: List[str]
     problems: List[str]
     bad_rounds: List[int]              # rounds in which a check found something
 
     @property
     def ok(self) -> bool:
-        return not self.lost_pages and not self.violations and not self.problems
+        return (not self.lost_pages and not self.violations and not self.unwritten_pages
+                and not self.problems)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -142,13 +151,48 @@ class RunResult:
         return d
 
 
+#: QEMU pc (i440fx) RAM below 4 GiB: all of it up to 3.5 GiB; 3 GiB once the
+#: guest has 3.5 GiB or more (gigabyte-aligned).  The rest starts at 4 GiB.
+LOWMEM_SMALL = 0xE000_0000
+LOWMEM_LARGE = 0xC000_0000
+HIGHMEM_START = 1 << 32
+
+
+def ram_ranges(memory: int) -> List[Tuple[int, int]]:
+    """(base gfn, npages) of guest RAM: below the PCI hole, then from 4 GiB."""
+    low = memory if memory < LOWMEM_SMALL else LOWMEM_LARGE
+    out = [(0, low // PAGE_SIZE)]
+    if memory > low:
+        out.append((HIGHMEM_START // PAGE_SIZE, (memory - low) // PAGE_SIZE))
+    return out
+
+
+def ram_gfns(index: np.ndarray, memory: int) -> np.ndarray:
+    """The gfns of RAM page indices (``[0, memory // PAGE_SIZE)``) in ``ram_ranges`` order."""
+    index = np.asarray(index, dtype=np.uint64)
+    ranges = ram_ranges(memory)
+    if len(ranges) == 1:
+        return index
+    low = np.uint64(ranges[0][1])
+    return np.where(index >= low, index + np.uint64(ranges[1][0] - ranges[0][1]), index)
+
+
 def layout(memory: int, nslots: int) -> List[Tuple[int, int, int]]:
-    """(slot id, base gfn, npages) for ``nslots`` slots covering memory from gfn 0."""
+    """(slot id, base gfn, npages) for ``nslots`` slots covering the RAM of ``ram_ranges``.
+
+    RAM page indices are cut into ``nslots`` equal pieces; a piece that
+    spans the hole is split at it, so there may be one slot more.
+    """
     npages = memory // PAGE_SIZE
-    out = []
+    ranges = ram_ranges(memory)
+    low = ranges[0][1]
+    out: List[Tuple[int, int, int]] = []
     for i in range(nslots):
         lo, hi = i * npages // nslots, (i + 1) * npages // nslots
-        out.append((i, lo, hi - lo))
+        pieces = [(lo, hi)] if hi <= low or lo >= low else [(lo, low), (low, hi)]
+        for a, b in pieces:
+            base = a if a < low else a - low + ranges[1][0]
+            out.append((len(out), base, b - a))
     return out
 
 
@@ -158,7 +202,13 @@ def _open_vm(spec: RunSpec, collector: Collector):
         from .kvm import KvmVM
         if kw:
             raise ValueError(f"design {spec.design!r} exists only in the simulator")
-        return KvmVM()
+        vm = KvmVM()
+        top = max(base + n for base, n in (ram_ranges(spec.memory))) * PAGE_SIZE
+        if top > vm.guest_phys_limit:
+            vm.close()
+            raise ValueError(f"memory {spec.memory} needs guest addresses up to {top:#x}; "
+                             f"this KVM guest reaches {vm.guest_phys_limit:#x}")
+        return vm
     from .vm import VM
     return VM(faults=spec.faults, log_every_write=spec.log_every_write, **kw)
 
@@ -184,6 +234,8 @@ class Runner:
         self.done = [0] * spec.vcpus
         self.seq = [0] * spec.vcpus
         self.errors: List[BaseException] = []
+        # Per vCPU: the chunk it is running ([gfns, values, writes done]).
+        self.current: List[Optional[list]] = [None] * spec.vcpus
 
     # -- the harvest: every caller goes through here --------------------
     def harvest(self) -> None:
@@ -226,6 +278,12 @@ class Runner:
         if spec.check in ("selftest", "both"):
             self.checks.append(SelftestCheck(self.vm, self.slots,
                                              initially_set=spec.design == "clear-log"))
+        self.final: Optional[FinalValues] = None
+        if spec.check != "none":
+            # Deterministic runs do every write in this thread, in call order.
+            self.final = FinalValues(self.vm, self.slots, spec.vcpus,
+                                     ordered=spec.mode == "deterministic")
+            self.checks.append(self.final)
         self.schedule = np.random.default_rng([spec.seed, 0x5C4ED])
 
     # -- guest values ------------------------------------------------------
@@ -242,16 +300,33 @@ class Runner:
         return tag + self.seq[i]
 
     # -- running one chunk -----------------------------------------------
+    def _chunk(self, i: int, n: int, rnd: int):
+        """vCPU i's next ``n`` writes: (gfns, values)."""
+        return ram_gfns(self.plans[i].take(n), self.spec.memory), self._values(i, n, rnd)
+
+    def _record(self, i: int, writes: int) -> None:
+        """Tell FinalValues the next ``writes`` writes of vCPU i's chunk were done."""
+        cur = self.current[i]
+        if self.final is None or cur is None or writes == 0:
+            return
+        gfns, values, done = cur
+        vals = values[done:done + writes] if isinstance(values, np.ndarray) else values
+        self.final.wrote(i, gfns[done:done + writes], vals)
+        cur[2] = done + writes
+
     def _run_vcpu(self, i: int, gfns=None, value=None, budget: Optional[int] = None) -> int:
         """Run vCPU i (a new chunk, or resume) up to ``budget`` writes; harvest on full exits."""
         v = self.vcpus[i]
         left = budget
         total = idle = 0
         first = gfns is not None
+        if first:
+            self.current[i] = [gfns, value, 0]
         while True:
             kw = {"max_writes": left} if left is not None else {}
             ex = v.run(gfns, value, **kw) if first else v.run(**kw)
             first = False
+            self._record(i, ex.writes)
             total += ex.writes
             self.done[i] += ex.writes
             if left is not None:
@@ -282,7 +357,7 @@ class Runner:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.spec.vcpu_nice)
             while quota > 0 and not stop.is_set():
                 n = min(self.rates[i], quota)
-                self._run_vcpu(i, self.plans[i].take(n), self._values(i, n, rnd))
+                self._run_vcpu(i, *self._chunk(i, n, rnd))
                 quota -= n
         except BaseException as e:      # re-raised by the collector thread
             self.errors.append(e)
@@ -330,7 +405,7 @@ class Runner:
                     continue
                 n = min(self.rates[i], q)
                 quotas[i] -= n
-                chunks[i] = (self.plans[i].take(n), self._values(i, n, rnd))
+                chunks[i] = self._chunk(i, n, rnd)
                 k = int(rng.integers(1, 5)) if self.budgets and n > 1 else 1
                 cuts = np.sort(rng.choice(np.arange(1, n), size=min(k, n) - 1, replace=False)) \
                     if k > 1 else np.zeros(0, np.int64)
@@ -365,12 +440,14 @@ class Runner:
 
     def run(self) -> RunResult:
         spec = self.spec
-        self._setup()
         saved = None
-        if spec.cpus is not None and spec.mode == "threads":
-            saved = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, spec.cpus)
+        self.vm = None
         try:
+            # Inside the try: a set-up failing after the VM exists closes it.
+            self._setup()
+            if spec.cpus is not None and spec.mode == "threads":
+                saved = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, spec.cpus)
             self._rounds_done = 0
             t0 = time.perf_counter()
             for rnd in range(1, spec.rounds + 1):
@@ -395,13 +472,15 @@ class Runner:
         finally:
             if saved is not None:
                 os.sched_setaffinity(0, saved)
-            self.vm.close()
+            if self.vm is not None:
+                self.vm.close()
 
     def _result(self, elapsed: float) -> RunResult:
         spec = self.spec
         stats = getattr(self.vm, "stats", None)
         writes = sum(self.done)
         shadow = next((c for c in self.checks if c.name == "shadow"), None)
+        final = self.final
         selftest = next((c for c in self.checks if c.name == "selftest"), None)
         problems = list(self.collector.problems)
         for c in self.checks:
@@ -422,6 +501,7 @@ class Runner:
             check=spec.check,
             lost_pages=shadow.count if shadow else None,
             violations=selftest.count if selftest else None,
+            unwritten_pages=final.count if final else None,
             lost=lost, problems=problems,
             bad_rounds=sorted({r for c in self.checks for r in c.bad_rounds}))
 

@@ -24,9 +24,24 @@ SelftestCheck (the kernel selftest's per-iteration check, dirty_log_test.c)
     The runner stops and drains every vCPU before the check, so the selftest's
     ring tolerance (the last page of a harvest holding an older value) is
     not needed.
+
+FinalValues (the backend check: did the guest write what the plans say?)
+    Independent of any harvest.  The runner reports every write it was told
+    was done (``wrote``: the vCPU, the gfns in plan order, their values).  At
+    each round's end (vCPUs stopped) every page must hold what the plans
+    leave there: a page no plan wrote in the round keeps its value from the
+    round before; a page written holds a value one of the writes could have
+    left.  With ``ordered`` (one thread ran everything, so the order of the
+    calls is the order of the writes) that is the last write; with
+    concurrent vCPUs it is one of the last values each vCPU wrote there (a
+    vCPU's own writes are ordered; two vCPUs' writes to one page are not).
+    This catches a backend that writes the wrong pages, misses planned
+    writes or writes where no plan went, which "harvested pages match memory"
+    cannot see.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -65,6 +80,20 @@ class Violation:
         if self.reported:
             return f"round {self.round}: gfn {self.gfn:#x} reported dirty but holds {self.value}"
         return f"round {self.round}: gfn {self.gfn:#x} not reported but holds {self.value}"
+
+
+@dataclass(frozen=True)
+class UnwrittenPage:
+    """A page whose final value is not what the plans' writes leave there."""
+
+    gfn: int
+    guest: int            # the value in guest memory
+    expected: int         # a value the plans could have left (the last write, or the old value)
+    round: int = 1
+
+    def __str__(self) -> str:
+        return (f"round {self.round}: gfn {self.gfn:#x}: guest has {self.guest:#x}, "
+                f"the plans leave {self.expected:#x}")
 
 
 class Check:
@@ -208,3 +237,140 @@ class SelftestCheck(Check):
     @property
     def details(self) -> list:
         return self.violations
+
+
+# A vCPU's record of writes is folded to "last value per page" past this many.
+_FOLD_AT = 1 << 20
+
+
+class _Stream:
+    """Writes of one ordered stream as (gfns, values) as given; folds to the last value per page.
+
+    Folded parts hold FinalValues' dense page numbers (slots laid end to end)
+    instead of gfns; ``last`` returns dense pages.
+    """
+
+    def __init__(self, owner: "FinalValues") -> None:
+        self.owner = owner
+        self.parts: List[Tuple[np.ndarray, np.ndarray]] = []
+        self.size = 0
+
+    def add(self, gfns: np.ndarray, values) -> None:
+        self.parts.append((gfns, values))
+        self.size += len(gfns)
+        if self.size > _FOLD_AT and len(self.parts) > 1:
+            self.parts = [self.last()]
+            self.size = len(self.parts[0][0])
+
+    def last(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(dense pages, values): each page once, with the value of its last write."""
+        if not self.parts:
+            return np.zeros(0, np.intp), np.zeros(0, np.uint64)
+        folded = self.parts[0] if self.parts[0][0].dtype == np.intp else None
+        fresh = self.parts[1:] if folded is not None else self.parts
+        g = np.concatenate([x[0] for x in fresh]) if fresh else np.zeros(0, np.uint64)
+        v = np.concatenate([np.broadcast_to(np.asarray(x[1], dtype=np.uint64), x[0].shape)
+                            for x in fresh]) if fresh else np.zeros(0, np.uint64)
+        p, v = self.owner._dense(g, v)
+        if folded is not None:
+            p, v = np.concatenate([folded[0], p]), np.concatenate([folded[1], v])
+        return self.owner._last(p, v)
+
+
+class FinalValues(Check):
+    name = "final"
+
+    def __init__(self, vm, slots: Sequence[SlotSpec], vcpus: int, *, ordered: bool) -> None:
+        self.vm = vm
+        self.slots = {sid: (base, n) for sid, base, n in slots}
+        self.ordered = ordered
+        self.nvcpus = vcpus
+        # Dense page numbers: slot after slot, in order of base gfn.
+        order = sorted(self.slots.items(), key=lambda kv: kv[1][0])
+        self._bases = np.array([b for _s, (b, _n) in order], dtype=np.uint64)
+        self._sizes = np.array([n for _s, (_b, n) in order], dtype=np.uint64)
+        starts = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.intp)
+        self._starts = starts[:-1]
+        self._dense_of = {sid: int(starts[k]) for k, (sid, _bn) in enumerate(order)}
+        # Scratch for "latest write per page" (np.maximum.at: defined for repeated
+        # pages, unlike fancy assignment); all -1 between uses.  One lock: vCPU
+        # threads may fold their streams at the same time.
+        self._scratch = np.full(int(starts[-1]), -1, dtype=np.int64)
+        self._scratch_lock = threading.Lock()
+        self.expect = {sid: np.array(vm.memory(sid), dtype=np.uint64) for sid in self.slots}
+        self._streams = [_Stream(self) for _ in range(1 if ordered else vcpus)]
+        self._seen = {sid: np.zeros(n, dtype=bool) for sid, (_b, n) in self.slots.items()}
+        self.unwritten: List[UnwrittenPage] = []
+        self.bad_rounds: List[int] = []
+        self._count = 0
+
+    def absorb(self, harvest: Dict[int, np.ndarray]) -> None:
+        """Harvests say nothing about what the guest wrote."""
+
+    def _last(self, pages: np.ndarray, values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        pos = np.arange(len(pages), dtype=np.int64)
+        with self._scratch_lock:
+            np.maximum.at(self._scratch, pages, pos)
+            win = self._scratch[pages] == pos       # exactly one write per page wins
+            self._scratch[pages] = -1
+        return pages[win], values[win]
+
+    def wrote(self, vcpu: int, gfns: np.ndarray, values) -> None:
+        """vCPU ``vcpu`` did these writes, in this order (``values``: one per gfn, or one for all).
+
+        Cheap (the work is done when folding or at the round's end), since
+        it runs between a vCPU's runs.  The arrays are kept, not copied: the
+        caller must not modify them afterwards (the runner's plan chunks are
+        never modified).  Each vCPU's calls come from one thread at a time;
+        in ``ordered`` mode all calls come from one thread, in the order the
+        writes happened.
+        """
+        g = np.asarray(gfns, dtype=np.uint64)
+        v = values if np.ndim(values) == 0 else np.asarray(values, dtype=np.uint64)
+        if np.ndim(v) and np.shape(v) != g.shape:
+            raise ValueError(f"{np.shape(v)} values for {g.shape} gfns")
+        self._streams[0 if self.ordered else vcpu].add(g, v)
+
+    def _dense(self, g: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Dense page numbers of gfns; writes outside every slot (MMIO) leave no memory and are dropped."""
+        k = np.searchsorted(self._bases, g, side="right").astype(np.intp) - 1
+        inside = k >= 0
+        kk = np.where(inside, k, 0)
+        off = g - self._bases[kk]
+        inside &= off < self._sizes[kk]
+        return (self._starts[kk] + off.astype(np.intp))[inside], v[inside]
+
+    def end_round(self, rnd: int) -> None:
+        last = [s.last() for s in self._streams]
+        p = np.concatenate([x[0] for x in last])
+        v = np.concatenate([x[1] for x in last])
+        self._streams = [_Stream(self) for _ in self._streams]
+        for sid, (base, n) in self.slots.items():
+            start = self._dense_of[sid]
+            mem = np.asarray(self.vm.memory(sid))
+            sel = (p >= start) & (p < start + n)
+            off = p[sel] - start
+            val = v[sel]
+            touched = np.zeros(n, dtype=bool)
+            touched[off] = True
+            good = np.zeros(n, dtype=bool)
+            good[off[mem[off] == val]] = True
+            expected = self.expect[sid].copy()
+            expected[off] = val                      # one value the writes could leave, for reports
+            bad = np.flatnonzero(np.where(touched, ~good, mem != self.expect[sid]))
+            if len(bad) and (not self.bad_rounds or self.bad_rounds[-1] != rnd):
+                self.bad_rounds.append(rnd)
+            new = bad[~self._seen[sid][bad]]
+            self._seen[sid][new] = True
+            self._count += len(new)
+            for o in new[: max(0, MAX_DETAILS - len(self.unwritten))]:
+                self.unwritten.append(UnwrittenPage(base + int(o), int(mem[o]), int(expected[o]), rnd))
+            self.expect[sid] = np.array(mem, dtype=np.uint64)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def details(self) -> list:
+        return self.unwritten

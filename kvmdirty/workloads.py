@@ -18,7 +18,9 @@ Patterns
     trace       replay of a trace file (see below).
 
 Trace files
-    ``.npy``: a 1-D integer array of guest frame numbers, or an (n, 2) integer
+    Numbers are RAM page indices (the runner maps index i to gfn i below the
+    PCI hole and above 4 GiB past it: runner.ram_gfns), at most 2**63 - 1.
+    ``.npy``: a 1-D integer array of page indices, or an (n, 2) integer
     array / a structured array with fields ``vcpu`` and ``gfn`` for a
     per-vCPU split.  Anything else: text, one write per line, ``#`` starts a
     comment, numbers decimal or ``0x`` hex; a line is ``gfn`` or ``vcpu gfn``
@@ -44,6 +46,10 @@ from .api import PAGE_SIZE
 
 PATTERNS = ("uniform", "hotcold", "sequential", "strided", "zipf", "trace")
 
+#: Most writes per step per vCPU: a step's chunk is one array in memory.
+MAX_RATE = 1 << 24
+_INT63 = 1 << 63
+
 # Random patterns draw this many writes at a time; take() slices the buffer,
 # so per-step chunks stay cheap however small they are.
 _BLOCK = 1 << 16
@@ -67,6 +73,8 @@ class Workload:
             raise ValueError(f"hot_fraction must be in (0, 1], got {self.hot_fraction}")
         if not 0.0 <= self.hot_share <= 1.0:
             raise ValueError(f"hot_share must be in [0, 1], got {self.hot_share}")
+        if isinstance(self.stride, bool) or not isinstance(self.stride, (int, np.integer)):
+            raise TypeError(f"stride must be an int, not {type(self.stride).__name__}")
         if int(self.stride) < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if not self.zipf_s > 0.0:
@@ -138,7 +146,8 @@ class Plan:
             raise ValueError("n must be >= 0")
         p = self.workload.pattern
         if p in ("sequential", "strided"):
-            step = 1 if p == "sequential" else int(self.workload.stride)
+            # Reduced mod npages first: the same pages, and no uint64 overflow for any stride.
+            step = (1 if p == "sequential" else int(self.workload.stride)) % self.npages
             i = np.arange(self._pos, self._pos + n, dtype=np.uint64)
             out = (np.uint64(self._start) + i * np.uint64(step)) % np.uint64(self.npages)
         elif p == "trace":
@@ -182,21 +191,30 @@ class Plan:
 def load_trace(path: str) -> np.ndarray:
     """A trace as an int64 array: shape (n,) of gfns, or (n, 2) of (vcpu, gfn)."""
     if path.endswith(".npy"):
-        a = np.load(path, allow_pickle=False)
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (OSError, MemoryError):
+            raise
+        except Exception as e:      # a malformed header fails in many ways (SyntaxError, TokenError, ...)
+            raise ValueError(f"{path}: not a valid .npy file ({type(e).__name__}: {e})") from None
+        if not isinstance(a, np.ndarray):
+            raise ValueError(f"{path}: not a .npy array")
         if a.dtype.names:
             if set(a.dtype.names) != {"vcpu", "gfn"}:
                 raise ValueError(f"{path}: a structured trace needs fields 'vcpu' and 'gfn'")
-            a = np.stack([a["vcpu"], a["gfn"]], axis=1)
+            for name in ("vcpu", "gfn"):
+                f = a.dtype[name]
+                if f.kind not in "ui" or f.shape != () or f.names:
+                    raise ValueError(f"{path}: field {name!r} must be a plain integer, not {f}")
+            a = np.stack([_checked_int64(a["vcpu"], path), _checked_int64(a["gfn"], path)], axis=1)
         if a.dtype.kind not in "ui":
             raise ValueError(f"{path}: trace must hold integers, not {a.dtype}")
         if a.ndim not in (1, 2) or (a.ndim == 2 and a.shape[1] != 2):
             raise ValueError(f"{path}: trace must have shape (n,) or (n, 2), not {a.shape}")
-        if a.size and int(a.min()) < 0:
-            raise ValueError(f"{path}: negative numbers in the trace")
-        return a.astype(np.int64)
+        return _checked_int64(a, path)
     rows: List[List[int]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for lineno, line in _lines(f, path):
             text = line.split("#", 1)[0].split()
             if not text:
                 continue
@@ -208,11 +226,30 @@ def load_trace(path: str) -> np.ndarray:
                 raise ValueError(f"{path}:{lineno}: expected 'gfn' or 'vcpu gfn' on every line")
             if min(nums) < 0:
                 raise ValueError(f"{path}:{lineno}: negative number")
+            if max(nums) >= _INT63:
+                raise ValueError(f"{path}:{lineno}: number too large (at most 2**63 - 1)")
             rows.append(nums)
     if not rows:
         raise ValueError(f"{path}: the trace is empty")
     a = np.array(rows, dtype=np.int64)
     return a[:, 0] if a.shape[1] == 1 else a
+
+
+def _lines(f, path: str):
+    try:
+        yield from enumerate(f, 1)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text trace ({e.reason} at byte {e.start})") from None
+
+
+def _checked_int64(a: np.ndarray, path: str) -> np.ndarray:
+    """An integer array as int64, refusing what int64 cannot hold (no wrap-around)."""
+    if a.size:
+        if int(a.min()) < 0:
+            raise ValueError(f"{path}: negative numbers in the trace")
+        if int(a.max()) >= _INT63:
+            raise ValueError(f"{path}: number {int(a.max())} too large (at most 2**63 - 1)")
+    return a.astype(np.int64)
 
 
 def split_trace(a: np.ndarray, vcpus: int, npages: int) -> List[np.ndarray]:
@@ -243,6 +280,8 @@ def rates(rate: Union[int, Sequence[int]], vcpus: int) -> List[int]:
         raise ValueError(f"{len(r)} rates given for {vcpus} vCPUs")
     if min(r) < 1:
         raise ValueError("rates must be >= 1 write per step")
+    if max(r) > MAX_RATE:
+        raise ValueError(f"rates must be <= {MAX_RATE} writes per step")
     return r
 
 

@@ -9,16 +9,26 @@ kernel write outside a buffer we own or map guest memory we do not own:
     always gets a buffer as large as the kernel will fill;
   - a closed object raises KvmError(EBADF); a close() racing an ioctl in
     another thread is deferred until that ioctl returns (the kvm_run page
-    stays mapped while KVM_RUN uses it).
+    stays mapped while KVM_RUN uses it);
+  - guest memory stays mapped while the kernel can still write it: a
+    `Mapping` registered in a memslot is pinned by its `Vm` until the slot is
+    deleted or the kernel VM is gone (the VM fd and every vCPU fd closed: a
+    vCPU fd keeps the kernel VM, and its memslots, alive). Until then
+    `Mapping.close()` only marks it, so no later mmap can reuse the range and
+    receive guest writes;
+  - every class refuses direct construction or is valid after it: an object
+    made with `cls.__new__(cls)` has no fd and raises EBADF.
+All counters here (busy, pins, exports, live vCPUs) are only touched with the
+GIL held.
 """
 from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport errno, EINTR, EBADF, EINVAL
+from libc.errno cimport errno, EINTR, EBADF, EINVAL, E2BIG
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from posix.fcntl cimport open as c_open, O_RDWR, O_CLOEXEC
 from posix.mman cimport (mmap, munmap, mprotect, PROT_NONE, PROT_READ, PROT_WRITE, MAP_SHARED,
-                         MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE)
+                         MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE, MAP_FIXED)
 from posix.unistd cimport close as c_close
 
 import numpy as np
@@ -46,6 +56,8 @@ cdef extern from "<linux/kvm.h>" nogil:
     const unsigned long KVM_SET_REGS
     const unsigned long KVM_GET_SREGS
     const unsigned long KVM_SET_SREGS
+    const unsigned long KVM_GET_SUPPORTED_CPUID
+    const unsigned long KVM_SET_CPUID2
     const int KVM_DIRTY_LOG_PAGE_OFFSET
     const int KVM_EXIT_UNKNOWN
 
@@ -70,6 +82,12 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint32_t num_pages
         uint64_t first_page
         void *dirty_bitmap
+
+    struct kvm_cpuid_entry2:
+        uint32_t function, index, flags, eax, ebx, ecx, edx
+
+    struct kvm_cpuid2:
+        uint32_t nent
 
     struct kvm_regs:
         uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp
@@ -168,12 +186,15 @@ cdef class Mapping:
     """An mmap owned by Python, exported through the buffer protocol.
 
     close() unmaps it at once when no buffer (numpy view, memoryview) is
-    exported, and otherwise when the last export is released, so a view that
-    outlives its VM reads valid memory instead of crashing.
+    exported and no memslot pins it (see the module docstring), and
+    otherwise when the last export is released or the last pin dropped, so
+    a view that outlives its VM reads valid memory instead of crashing, and
+    a guest still running cannot write into a later mmap of the range.
     """
     cdef void *addr
     cdef size_t size
     cdef int exports
+    cdef int pins            # memslots of a live kernel VM over this mapping
     cdef bint closing
     cdef bint readonly
     cdef Py_ssize_t shape[1]
@@ -206,6 +227,14 @@ cdef class Mapping:
         self.strides[0] = 1
         return 0
 
+    cdef void _pin(self) noexcept:
+        self.pins += 1
+
+    cdef void _unpin(self) noexcept:
+        self.pins -= 1
+        if self.pins == 0 and self.exports == 0 and self.closing:
+            self._unmap()
+
     cdef void _unmap(self) noexcept:
         if self.addr != NULL:
             munmap(self.addr, self.size)
@@ -229,7 +258,7 @@ cdef class Mapping:
     def close(self):
         """Unmap now, or when the last exported buffer is released."""
         self.closing = True
-        if self.exports == 0:
+        if self.exports == 0 and self.pins == 0:
             self._unmap()
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
@@ -252,7 +281,7 @@ cdef class Mapping:
 
     def __releasebuffer__(self, Py_buffer *buf):
         self.exports -= 1
-        if self.exports == 0 and self.closing:
+        if self.exports == 0 and self.pins == 0 and self.closing:
             self._unmap()
 
     def __repr__(self):
@@ -354,6 +383,8 @@ cdef class Kvm(_Fd):
     """The system fd: /dev/kvm."""
 
     def __init__(self, path="/dev/kvm"):
+        if self.fd >= 0 or self.close_pending:
+            raise TypeError("Kvm is already initialized")
         if not isinstance(path, str):
             raise TypeError(f"path must be a str, not {type(path).__name__}")
         cdef bytes p = path.encode()
@@ -373,26 +404,76 @@ cdef class Kvm(_Fd):
     def vcpu_mmap_size(self) -> int:
         return self._ioctl_val(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
 
+    def supported_cpuid(self) -> np.ndarray:
+        """KVM_GET_SUPPORTED_CPUID as a CPUID_ENTRY array (what Vcpu.set_cpuid takes)."""
+        cdef uint32_t n = 128
+        cdef uint8_t[::1] buf
+        cdef kvm_cpuid2 *c
+        while True:
+            raw = np.zeros(8 + n * CPUID_ENTRY.itemsize, dtype=np.uint8)
+            buf = raw
+            c = <kvm_cpuid2 *>&buf[0]
+            c.nent = n
+            try:
+                self._ioctl_ptr(KVM_GET_SUPPORTED_CPUID, c, "KVM_GET_SUPPORTED_CPUID")
+            except OSError as e:
+                if e.errno != E2BIG or n >= 65536:
+                    raise
+                n *= 2
+                continue
+            return raw[8:8 + c.nent * CPUID_ENTRY.itemsize].view(CPUID_ENTRY).copy()
+
     def create_vm(self, vm_type=0):
         cdef unsigned long t = _u32(vm_type, "vm_type")
+        cdef long mmap_size = self.vcpu_mmap_size()
         cdef Vm vm = Vm.__new__(Vm)
         vm.fd = self._ioctl_val(KVM_CREATE_VM, t, "KVM_CREATE_VM")
-        vm.slots = {}
-        vm.vcpu_mmap_size = self.vcpu_mmap_size()
+        vm.vcpu_mmap_size = mmap_size
         return vm
 
 
+#: struct kvm_cpuid_entry2, as Kvm.supported_cpuid returns and Vcpu.set_cpuid takes.
+CPUID_ENTRY = np.dtype([("function", "<u4"), ("index", "<u4"), ("flags", "<u4"), ("eax", "<u4"),
+                        ("ebx", "<u4"), ("ecx", "<u4"), ("edx", "<u4"), ("padding", "<u4", (3,))])
+assert CPUID_ENTRY.itemsize == sizeof(kvm_cpuid_entry2)
+
+
 cdef class Vm(_Fd):
-    """A VM fd (from Kvm.create_vm). Tracks the memslots it registered."""
+    """A VM fd (from Kvm.create_vm). Tracks the memslots it registered.
+
+    The kernel VM lives until this fd and every vCPU fd are closed; until
+    then every slot's Mapping stays pinned (mapped), see the module docstring.
+    """
     cdef dict slots          # u32 slot id -> (npages, Mapping) for every live slot
+    cdef dict pending        # vCPU id -> Vcpu the kernel created but we failed to set up
     cdef long vcpu_mmap_size
+    cdef int live_vcpus      # vCPU fds open on this VM (each keeps the kernel VM alive)
+
+    def __cinit__(self):
+        self.slots = {}
+        self.pending = {}
 
     def __init__(self):
         raise TypeError("use Kvm.create_vm()")
 
     cdef void _do_close(self) noexcept:
         _Fd._do_close(self)
-        self.slots = {}      # drop our references to guest memory
+        for v in self.pending.values():
+            (<Vcpu>v)._do_close()      # never handed out: nobody else holds its fd
+        self.pending = {}
+        self._maybe_release_memory()
+
+    cdef void _vcpu_gone(self) noexcept:
+        self.live_vcpus -= 1
+        self._maybe_release_memory()
+
+    cdef void _maybe_release_memory(self) noexcept:
+        """Unpin guest memory once the kernel VM is gone (no fd left that reaches it)."""
+        if self.fd >= 0 or self.live_vcpus > 0:
+            return
+        slots, self.slots = self.slots, {}
+        for _npages, m in slots.values():
+            (<Mapping>m)._unpin()
 
     def check_extension(self, cap) -> int:
         return self._ioctl_val(KVM_CHECK_EXTENSION, _u32(cap, "cap"), "KVM_CHECK_EXTENSION")
@@ -425,11 +506,24 @@ cdef class Vm(_Fd):
             if r.memory_size > memory.size:
                 raise ValueError(f"memory_size {r.memory_size} exceeds the mapping ({memory.size} bytes)")
             r.userspace_addr = <uintptr_t>memory.addr
-        self._ioctl_ptr(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
-        if r.memory_size == 0:
-            self.slots.pop(r.slot, None)
-        else:
+            # Pinned before the GIL is released for the ioctl: a close() of the
+            # mapping in another thread meanwhile cannot unmap what the kernel
+            # is registering.
+            memory._pin()
+        try:
+            self._ioctl_ptr(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
+        except BaseException:
+            if r.memory_size != 0:
+                memory._unpin()
+            raise
+        # Deleted: the kernel has waited for every vCPU to leave the old slot
+        # (synchronize_srcu) before returning, so its memory may be unpinned.
+        old = self.slots.pop(r.slot, None)
+        if r.memory_size != 0:
             self.slots[r.slot] = (r.memory_size // _PAGE_SIZE, memory)
+        if old is not None:
+            (<Mapping>old[1])._unpin()
+        self._maybe_release_memory()     # the VM may have been closed during the ioctl
 
     def get_dirty_log(self, slot) -> np.ndarray:
         """KVM_GET_DIRTY_LOG into a new uint64 array of ceil(npages/64) words."""
@@ -472,10 +566,42 @@ cdef class Vm(_Fd):
         return self._ioctl_val(KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS")
 
     def create_vcpu(self, vcpu_id):
+        """KVM_CREATE_VCPU with its kvm_run page mapped.
+
+        The address range of the kvm_run mapping is reserved before the ioctl,
+        so that running out of address space fails before the kernel creates
+        the vCPU. If mapping still fails afterwards, the kernel's vCPU (which
+        can never be destroyed) is kept, and a retry with the same id returns
+        it: a failed call leaves nothing visible behind.
+        """
         cdef unsigned long i = _u32(vcpu_id, "vcpu_id")
-        cdef Vcpu v = Vcpu.__new__(Vcpu)
-        v.fd = self._ioctl_val(KVM_CREATE_VCPU, i, "KVM_CREATE_VCPU")
-        v._map_run(self.vcpu_mmap_size)
+        cdef Vcpu v = self.pending.pop(i, None)
+        if v is not None:
+            try:
+                v._map_run(self.vcpu_mmap_size, NULL)
+            except BaseException:
+                self.pending[i] = v
+                raise
+            return v
+        if self.vcpu_mmap_size <= 0:
+            raise _kvm_error(EBADF, "KVM_CREATE_VCPU", "Vm is closed")
+        cdef void *reserve = mmap(NULL, self.vcpu_mmap_size, PROT_NONE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if reserve == MAP_FAILED:
+            raise _kvm_error(errno, "KVM_CREATE_VCPU", "reserving the kvm_run mapping")
+        v = Vcpu.__new__(Vcpu)
+        try:
+            v.fd = self._ioctl_val(KVM_CREATE_VCPU, i, "KVM_CREATE_VCPU")
+        except BaseException:
+            munmap(reserve, self.vcpu_mmap_size)
+            raise
+        v.vm = self
+        self.live_vcpus += 1
+        try:
+            v._map_run(self.vcpu_mmap_size, reserve)
+        except BaseException:
+            self.pending[i] = v
+            raise
         return v
 
 
@@ -510,15 +636,19 @@ cdef class Vcpu(_Fd):
     """A vCPU fd with its kvm_run page mapped."""
     cdef kvm_run *run_page
     cdef size_t run_size
+    cdef Vm vm               # the VM this vCPU fd keeps alive in the kernel
 
     def __init__(self):
         raise TypeError("use Vm.create_vcpu()")
 
-    cdef int _map_run(self, long size) except -1:
-        cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
+    cdef int _map_run(self, long size, void *reserved) except -1:
+        """mmap kvm_run, over `reserved` (an address range of `size` bytes we own) if given."""
+        cdef int flags = MAP_SHARED | (MAP_FIXED if reserved != NULL else 0)
+        cdef void *p = mmap(reserved, size, PROT_READ | PROT_WRITE, flags, self.fd, 0)
+        cdef int err = errno
         if p == MAP_FAILED:
-            err = errno
-            self._do_close()
+            if reserved != NULL:
+                munmap(reserved, size)
             raise _kvm_error(err, "KVM_CREATE_VCPU", "mmap of kvm_run")
         self.run_page = <kvm_run *>p
         self.run_size = size
@@ -528,12 +658,13 @@ cdef class Vcpu(_Fd):
         if self.run_page != NULL:
             munmap(self.run_page, self.run_size)
             self.run_page = NULL
+        cdef bint had_fd = self.fd >= 0
         _Fd._do_close(self)
+        if had_fd and self.vm is not None:
+            self.vm._vcpu_gone()
 
     def __dealloc__(self):
-        if self.run_page != NULL:
-            munmap(self.run_page, self.run_size)
-            self.run_page = NULL
+        self._do_close()
 
     def run(self) -> int:
         """KVM_RUN with the GIL released, retried on EINTR; the exit reason.
@@ -544,6 +675,8 @@ cdef class Vcpu(_Fd):
         cdef int fd = self._acquire("KVM_RUN")
         cdef int r, err
         try:
+            if self.run_page == NULL:
+                raise _kvm_error(EBADF, "KVM_RUN", "no kvm_run page")
             while True:
                 with nogil:
                     r = ioctl(fd, KVM_RUN, 0)
@@ -561,6 +694,8 @@ cdef class Vcpu(_Fd):
         cdef int fd = self._acquire("KVM_RUN")
         cdef kvm_run *run = self.run_page
         try:
+            if run == NULL:
+                raise _kvm_error(EBADF, "KVM_RUN", "no kvm_run page")
             d = {"exit_reason": run.exit_reason}
             if run.exit_reason == KVM_EXIT_MMIO:
                 d.update(phys_addr=run.mmio.phys_addr, len=run.mmio.len,
@@ -595,6 +730,17 @@ cdef class Vcpu(_Fd):
         self._ioctl_ptr(KVM_GET_REGS, &r, "KVM_GET_REGS")
         _dict_to_regs(values, &r)
         self._ioctl_ptr(KVM_SET_REGS, &r, "KVM_SET_REGS")
+
+    def set_cpuid(self, entries) -> None:
+        """KVM_SET_CPUID2 with `entries`, a CPUID_ENTRY array (e.g. Kvm.supported_cpuid())."""
+        arr = np.asarray(entries)
+        if arr.dtype != CPUID_ENTRY or arr.ndim != 1:
+            raise TypeError("entries must be a 1-D CPUID_ENTRY array")
+        raw = np.zeros(8 + arr.nbytes, dtype=np.uint8)
+        raw[8:] = np.ascontiguousarray(arr).view(np.uint8)
+        cdef uint8_t[::1] buf = raw
+        (<kvm_cpuid2 *>&buf[0]).nent = <uint32_t>arr.shape[0]
+        self._ioctl_ptr(KVM_SET_CPUID2, &buf[0], "KVM_SET_CPUID2")
 
     def get_sregs(self) -> dict:
         cdef kvm_sregs s

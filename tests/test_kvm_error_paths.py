@@ -77,6 +77,11 @@ def test_kernel_refusals_release_fresh_mappings():
 
 @pytest.mark.parametrize("with_ring", [False, True])
 def test_vcpu_setup_fails_after_its_fd_and_ring(monkeypatch, with_ring):
+    """A failed create_vcpu changes nothing visible and burns no id (issue 10 item 11).
+
+    The kernel cannot destroy the vCPU it created, so the retry with the same
+    id must return it (before the fix every retry failed EEXIST).
+    """
     if with_ring and ring_capable() is not None:
         pytest.skip(f"no dirty ring here: {ring_capable()}")
     with kvm.KvmVM() as vm:
@@ -85,19 +90,24 @@ def test_vcpu_setup_fails_after_its_fd_and_ring(monkeypatch, with_ring):
         vm.set_user_memory_region(0, 0, MB, LOG)
         before = counts()
         monkeypatch.setattr(guest, "long_mode_sregs", injected)
-        for i in range(20):
-            with pytest.raises(OSError):
-                vm.create_vcpu(i)
+        for _ in range(3):                                     # retries fail the same way
+            for i in range(5):
+                with pytest.raises(OSError) as e:
+                    vm.create_vcpu(i)
+                assert e.value.errno == errno.ENOMEM          # never EEXIST
         monkeypatch.undo()
-        assert counts() == before
         assert not vm.vcpus
-        # The kernel keeps a vCPU until its VM dies, fd closed or not: its id
-        # stays taken (EEXIST), as on KVM.  A new id works.
-        with pytest.raises(KvmError) as e:
+        # Only the kernel vCPUs themselves (fd + kvm_run page) are held, once each.
+        fds, maps = counts()
+        assert fds == before[0] + 5
+        for i in range(5):
+            v = vm.create_vcpu(i)                              # the retry finishes the set-up
+            assert v.run(np.array([1 + i, 2 + i]), 5).done
+            assert (v.dirty_ring is not None) == with_ring
+        assert sorted(vm.vcpus) == list(range(5))
+        with pytest.raises(KvmError) as e:                     # handed out once: now EEXIST
             vm.create_vcpu(0)
         assert e.value.errno == errno.EEXIST
-        v = vm.create_vcpu(100)                                # the VM is still usable
-        assert v.run(np.array([1, 2]), 5).done
     assert counts()[0] < before[0]
 
 
@@ -111,3 +121,23 @@ def test_failed_run_arguments_change_nothing():
                 v.run(bad, 1)
         assert counts() == before
         assert v.run(np.array([3]), 1).done
+
+
+@pytest.mark.parametrize("kw", [dict(design="ring", ring_entries=3),      # enable_dirty_ring: EINVAL
+                                dict(vcpus=1100)],                           # past KVM's vCPU limit
+                         ids=["bad-ring", "too-many-vcpus"])
+def test_runner_setup_failure_closes_the_vm(kw):
+    """A run whose set-up fails after its VM exists leaves no fd behind (it leaked the VM)."""
+    from kvmdirty.runner import RunSpec, run
+    if kw.get("design") == "ring" and ring_capable() is not None:
+        pytest.skip(ring_capable())
+    spec = RunSpec(backend="kvm", memory=8 * MB, writes=10, **{"vcpus": 1, **kw})
+    for attempt in range(2):            # the first one also warms the allocator up
+        before = counts()
+        with pytest.raises(OSError) as e:
+            run(spec)
+        # Closed by the run itself, not later by the garbage collector (the
+        # traceback in `e` still references the runner and its VM).
+        assert fd_count() == before[0]
+        del e
+    assert counts() == before

@@ -237,3 +237,153 @@ def test_low_level_bad_input():
     vm.close()
     kvm.close()
     small.close()
+
+
+def _libc_mmap_noreplace(addr: int, size: int) -> int:
+    """mmap(addr, MAP_FIXED_NOREPLACE): the address, or -errno if the range is taken."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    map_fixed_noreplace, map_private, map_anon = 0x100000, 0x02, 0x20
+    p = libc.mmap(addr, size, 3, map_private | map_anon | map_fixed_noreplace, -1, 0)
+    if p is None or p == ctypes.c_void_p(-1).value:
+        return -ctypes.get_errno()
+    return p
+
+
+def _libc_munmap(addr: int, size: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.munmap(addr, size)
+
+
+def test_close_keeps_guest_memory_mapped_while_a_vcpu_is_in_kvm_run():
+    """Issue 10 item 10: close() with a vCPU inside KVM_RUN must not unmap guest memory.
+
+    Before the fix the range was unmapped at once, a new mmap could take it
+    (here: MAP_FIXED_NOREPLACE at the same address) and the still-running
+    guest wrote into that unrelated memory.
+    """
+    import ctypes
+    vm = KvmVM()
+    size = 16 * MB
+    vm.set_user_memory_region(0, 0, size, LOG)
+    v = vm.create_vcpu(0)
+    addr = vm._slots[0].mapping.address
+    plan = np.tile(np.arange(4096, dtype=np.uint64), 8)   # one 8192-write burst: ~100+ ms guest time
+    out = []
+    t = threading.Thread(target=lambda: out.append(_swallow(v.run, plan, 7)))
+    t.start()
+    first = ctypes.c_uint64.from_address(addr)             # page 0: the plan's first write
+    deadline = time.monotonic() + 30
+    while first.value != 7 and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    del first
+    assert t.is_alive(), "the guest finished before close(): plan too short for this host"
+    vm.close()
+    got = _libc_mmap_noreplace(addr, size)
+    t.join(60)
+    assert not t.is_alive()
+    if got > 0:
+        try:
+            fresh = np.ctypeslib.as_array((ctypes.c_uint64 * (size // 8)).from_address(got))
+            written = int(np.count_nonzero(fresh[::512]))
+        finally:
+            _libc_munmap(got, size)
+        assert written == 0, f"the closed VM's guest wrote {written} pages of a later mmap"
+    else:
+        assert got == -errno.EEXIST                        # still mapped: nobody can reuse it
+    # Once the vCPU has left KVM_RUN its fd closes, the kernel VM dies, and the range is freed.
+    gc.collect()
+    again = _libc_mmap_noreplace(addr, size)
+    assert again == addr, f"guest memory is still mapped after the vCPU left ({again})"
+    _libc_munmap(again, size)
+
+
+def _swallow(f, *a):
+    try:
+        return f(*a)
+    except (KvmError, ValueError) as e:
+        return e
+
+
+_CALLS = {
+    "Mapping": [("close", ()), ("__repr__", ()), ("address", None), ("size", None), ("closed", None)],
+    "_Fd": [("fileno", ()), ("close", ()), ("closed", None)],
+    "Kvm": [("api_version", ()), ("check_extension", (1,)), ("vcpu_mmap_size", ()),
+            ("supported_cpuid", ()), ("create_vm", ())],
+    "Vm": [("check_extension", (1,)), ("enable_cap", (1, (0,))),
+           ("set_user_memory_region", (0, 0, 0, 0, None)), ("get_dirty_log", (0,)),
+           ("clear_dirty_log", (0, 0, 64, np.zeros(1, np.uint64))), ("reset_dirty_rings", ()),
+           ("create_vcpu", (0,))],
+    "Vcpu": [("run", ()), ("exit_info", ()), ("get_regs", ()), ("set_regs", ({"rax": 1},)),
+             ("get_sregs", ()), ("set_sregs", ({"cr0": 1},)), ("map_dirty_ring", (4096,)),
+             ("set_cpuid", (np.zeros(1, _kvm.CPUID_ENTRY),))],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CALLS))
+def test_objects_built_without_init_raise_instead_of_crashing(name):
+    """Issue 10 item 2: cls.__new__(cls) gives an object every method of which
+    raises cleanly (EBADF for fds), never a NULL/closed-fd crash."""
+    cls = getattr(_kvm, name)
+    for _ in range(2):                                  # and again after close()
+        obj = cls.__new__(cls)
+        for meth, args in _CALLS[name]:
+            if args is None:
+                getattr(obj, meth)                       # properties answer
+                continue
+            try:
+                getattr(obj, meth)(*args)
+            except (OSError, ValueError, TypeError) as e:
+                if isinstance(e, OSError) and name != "Mapping":
+                    assert e.errno == errno.EBADF, (meth, e)
+        with pytest.raises(ValueError):
+            memoryview(obj) if name == "Mapping" else obj.fileno()
+
+
+def test_kvm_cannot_be_initialized_twice():
+    k = _kvm.Kvm()
+    before = fd_count()
+    with pytest.raises(TypeError):
+        k.__init__("/dev/kvm")
+    assert fd_count() == before and k.api_version() == 12
+    k.close()
+
+
+def _mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("end", ["delete-slot", "close-vm"])
+def test_a_registered_mapping_stays_mapped_until_its_slot_is_gone(end):
+    """Mapping.close() on memory a memslot uses only marks it: unmapped when the
+    slot is deleted, or the VM fd (with no vCPU fd left) is closed."""
+    k = _kvm.Kvm()
+    vm = k.create_vm()
+    m = _kvm.Mapping(MB)
+    vm.set_user_memory_region(0, 0, 0, MB, m)
+    addr = m.address
+    m.close()
+    assert m.closed and _mapped(addr)
+    with pytest.raises(ValueError):                         # a closed mapping is never registered
+        vm.set_user_memory_region(1, 0, 16 * MB, MB, m)
+    v = vm.create_vcpu(0)
+    if end == "delete-slot":
+        vm.set_user_memory_region(0, 0, 0, 0, None)
+        assert not _mapped(addr)
+    else:
+        vm.close()
+        assert _mapped(addr)                                # the vCPU fd keeps the kernel VM
+        v.close()
+        assert not _mapped(addr)
+    vm.close()
+    k.close()

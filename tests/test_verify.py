@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from kvmdirty import _bitmap
-from kvmdirty.verify import LostPage, SelftestCheck, ShadowCopy
+from kvmdirty import verify
+from kvmdirty.verify import FinalValues, LostPage, SelftestCheck, ShadowCopy, UnwrittenPage
 from kvmdirty.vm import MEM_LOG_DIRTY_PAGES, VM
 
 NPAGES = 200           # not a multiple of 64
@@ -90,3 +91,58 @@ def test_selftest_tolerates_zero_in_round_one_with_initially_set():
         c.end_round(1)
     assert tolerant.count == 0
     assert strict.count == NPAGES - 1
+
+
+# -- FinalValues: what the plans wrote must be in guest memory ------------------
+def test_final_values_exact_order_passes_and_catches_each_kind_of_wrong_page():
+    vm, v, slots = make_vm()
+    c = FinalValues(vm, slots, 2, ordered=True)
+    g = np.array([BASE + 1, BASE + 2, BASE + 1])
+    v.run(g, np.array([10, 20, 11], dtype=np.uint64))
+    c.wrote(0, g, np.array([10, 20, 11], dtype=np.uint64))
+    c.wrote(1, np.array([BASE + 9]), 5)            # a write the backend "forgot"
+    v.run(np.array([BASE + 30]), 7)                # a write no plan made
+    c.end_round(1)
+    assert c.count == 2 and c.bad_rounds == [1]
+    assert {(u.gfn, u.guest, u.expected) for u in c.unwritten} == {(BASE + 9, 0, 5), (BASE + 30, 7, 0)}
+    assert isinstance(c.unwritten[0], UnwrittenPage) and "plans leave" in str(c.unwritten[0])
+    # Next round starts from what memory holds; the bad pages are not counted again.
+    c.end_round(2)
+    assert c.count == 2 and c.bad_rounds == [1]
+
+
+def test_final_values_ordered_needs_the_last_write_unordered_accepts_any_vcpus_last():
+    for ordered, expect_bad in ((True, 1), (False, 0)):
+        vm, v, slots = make_vm()
+        c = FinalValues(vm, slots, 2, ordered=ordered)
+        # Memory ends with vCPU 0's value although vCPU 1 wrote last in call
+        # order: only concurrent vCPUs may end like that.
+        c.wrote(0, np.array([BASE + 4]), 1)
+        c.wrote(1, np.array([BASE + 4]), 2)
+        v.run(np.array([BASE + 4]), 1)
+        c.end_round(1)
+        assert c.count == expect_bad, ordered
+
+
+def test_final_values_a_vcpus_own_writes_are_ordered():
+    vm, v, slots = make_vm()
+    c = FinalValues(vm, slots, 2, ordered=False)
+    c.wrote(0, np.array([BASE + 4, BASE + 4]), np.array([1, 2], dtype=np.uint64))
+    v.run(np.array([BASE + 4]), 1)                 # its earlier value: never a final one
+    c.end_round(1)
+    assert c.count == 1
+
+
+def test_final_values_fold_keeps_the_last_write(monkeypatch):
+    monkeypatch.setattr(verify, "_FOLD_AT", 4)
+    vm, v, slots = make_vm()
+    c = FinalValues(vm, slots, 1, ordered=True)
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        g = (BASE + rng.integers(0, 8, 3)).astype(np.uint64)
+        vals = rng.integers(1, 1000, 3).astype(np.uint64)
+        v.run(g, vals)
+        c.wrote(0, g, vals)
+    assert len(c._streams[0].parts) < 40           # folded on the way
+    c.end_round(1)
+    assert c.count == 0
