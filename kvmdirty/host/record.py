@@ -21,7 +21,10 @@ visible to PAGEMAP_SCAN: recorded traces have no vcpu column.  The
 recorder's own work (its thread's stack, the arrays it appends) writes a few
 pages per interval that land in the trace too; the PAGEMAP_SCAN result
 buffer is excluded.  Transparent huge pages report all 512 pages of a
-2 MiB page written on one write.
+2 MiB page written on one write.  Only populated pages are write-protected
+(see _refresh): the first read of a never-touched page is reported as a
+write, once.  Mappings larger than ``max_mapping_bytes`` (address-space
+reservations such as a sanitizer's shadow memory) are skipped.
 """
 from __future__ import annotations
 
@@ -129,11 +132,12 @@ class Recorder:
     ``with Recorder(interval_s) as r: ...work...`` then ``r.trace(workload)``.
     """
 
-    def __init__(self, interval_s: float = 0.01) -> None:
+    def __init__(self, interval_s: float = 0.01, *, max_mapping_bytes: int = 64 << 30) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval must be > 0, got {interval_s}")
         require_host()
         self.interval_s = interval_s
+        self.max_mapping_bytes = max_mapping_bytes
         self.layout = GuestLayout()
         self._uffd = open_uffd()
         self._pagemap = _host.Pagemap()
@@ -179,6 +183,10 @@ class Recorder:
                 self._registered[key] = m.name      # ours already (split off a registered one)
                 self.layout.cover(m)
                 continue
+            if length > self.max_mapping_bytes:
+                why = f"larger than {self.max_mapping_bytes >> 30} GiB (a reservation, not RAM)"
+                self.skipped[why] = self.skipped.get(why, 0) + 1
+                continue
             try:
                 self._uffd.register_wp(m.start, length)
             except OSError as e:
@@ -187,14 +195,23 @@ class Recorder:
                 continue
             self._registered[key] = m.name
             self.layout.cover(m)
+            # Protect the populated pages only: protecting never-touched ones
+            # would build page tables for the whole range (a sparse multi-TiB
+            # reservation would exhaust memory).  A first write to an
+            # untouched page still shows as written (its new PTE has no
+            # write-protect bit); a first read does too, once.
+            populated, _ = self._pagemap.scan_regions(
+                m.start, m.end, flags=0, category_mask=0,
+                anyof_mask=_host.PAGE_IS_PRESENT | _host.PAGE_IS_SWAPPED)
             # Pages written before we saw the mapping: present and not the shared zero page.
             present, _ = self._pagemap.scan_regions(
                 m.start, m.end, flags=0, category_mask=_host.PAGE_IS_PRESENT | _host.PAGE_IS_PFNZERO,
                 inverted=_host.PAGE_IS_PFNZERO)
-            try:
-                self._uffd.writeprotect(m.start, length)
-            except OSError:
-                pass      # unmapped meanwhile: the next refresh sees what replaced it
+            for a, b in populated.tolist():
+                try:
+                    self._uffd.writeprotect(a, b - a)
+                except OSError:
+                    break     # unmapped meanwhile: the next refresh sees what replaced it
             self._append(now_ns, self.layout.gfns(present))
             lo = m.start if not hi else min(lo, m.start)
             hi = max(hi, m.end)
