@@ -26,6 +26,7 @@ from posix.mman cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_A
 from posix.unistd cimport close as c_close
 
 import os
+import threading
 
 import numpy as np
 
@@ -177,9 +178,13 @@ cdef class Uffd:
     cdef int fd
     cdef readonly uint64_t features
     cdef readonly bint user_mode_only
+    # Held by every ioctl and by close(): a close racing an ioctl in another
+    # thread waits for it, so the fd number is never reused under it.
+    cdef object _lock
 
     def __cinit__(self):
         self.fd = -1
+        self._lock = threading.Lock()
 
     def __init__(self, features, *, user_mode_only=False):
         """Open a userfaultfd and enable `features` (UFFDIO_API); OSError when refused."""
@@ -187,7 +192,7 @@ cdef class Uffd:
         cdef int flags = O_CLOEXEC | O_NONBLOCK | (UFFD_USER_MODE_ONLY if user_mode_only else 0)
         cdef long fd
         cdef kd_uffdio_api api
-        cdef int r, err
+        cdef int r = 0, err = 0
         with nogil:
             fd = kd_userfaultfd(flags)
         if fd < 0:
@@ -206,6 +211,7 @@ cdef class Uffd:
         self.features = api.features
 
     cdef int _fd(self, str what) except -1:
+        """The fd, to be used with self._lock held."""
         if self.fd < 0:
             raise OSError(9, f"{what}: the userfaultfd is closed")
         return self.fd
@@ -213,49 +219,55 @@ cdef class Uffd:
     def register_wp(self, uint64_t addr, uint64_t length):
         """UFFDIO_REGISTER in write-protect mode; returns the ioctls the range supports."""
         _check_range(addr, length)
-        cdef int fd = self._fd("UFFDIO_REGISTER")
+        cdef int fd
         cdef kd_uffdio_register reg
-        cdef int r, err
+        cdef int r = 0, err = 0
         memset(&reg, 0, sizeof(reg))
         reg.range.start = addr
         reg.range.len = length
         reg.mode = UFFDIO_REGISTER_MODE_WP
-        with nogil:
-            r = ioctl(fd, KD_UFFDIO_REGISTER, &reg)
-            err = errno
+        with self._lock:
+            fd = self._fd("UFFDIO_REGISTER")
+            with nogil:
+                r = ioctl(fd, KD_UFFDIO_REGISTER, &reg)
+                err = errno
         if r:
             raise _os_error(err, f"UFFDIO_REGISTER({addr:#x}, {length:#x})")
         return reg.ioctls
 
     def unregister(self, uint64_t addr, uint64_t length):
         _check_range(addr, length)
-        cdef int fd = self._fd("UFFDIO_UNREGISTER")
+        cdef int fd
         cdef kd_uffdio_range rng
-        cdef int r, err
+        cdef int r = 0, err = 0
         rng.start = addr
         rng.len = length
-        with nogil:
-            r = ioctl(fd, KD_UFFDIO_UNREGISTER, &rng)
-            err = errno
+        with self._lock:
+            fd = self._fd("UFFDIO_UNREGISTER")
+            with nogil:
+                r = ioctl(fd, KD_UFFDIO_UNREGISTER, &rng)
+                err = errno
         if r:
             raise _os_error(err, f"UFFDIO_UNREGISTER({addr:#x}, {length:#x})")
 
     def writeprotect(self, uint64_t addr, uint64_t length, bint protect=True):
         """UFFDIO_WRITEPROTECT: (un)protect a registered range; a write then marks it written."""
         _check_range(addr, length)
-        cdef int fd = self._fd("UFFDIO_WRITEPROTECT")
+        cdef int fd
         cdef kd_uffdio_writeprotect wp
-        cdef int r, err
+        cdef int r = 0, err = 0
         memset(&wp, 0, sizeof(wp))
         wp.range.start = addr
         wp.range.len = length
         wp.mode = UFFDIO_WRITEPROTECT_MODE_WP if protect else 0
-        with nogil:
-            while True:
-                r = ioctl(fd, KD_UFFDIO_WRITEPROTECT, &wp)
-                err = errno
-                if r == 0 or err != EINTR:
-                    break
+        with self._lock:
+            fd = self._fd("UFFDIO_WRITEPROTECT")
+            with nogil:
+                while True:
+                    r = ioctl(fd, KD_UFFDIO_WRITEPROTECT, &wp)
+                    err = errno
+                    if r == 0 or err != EINTR:
+                        break
         if r:
             raise _os_error(err, f"UFFDIO_WRITEPROTECT({addr:#x}, {length:#x})")
 
@@ -265,37 +277,22 @@ cdef class Uffd:
         Returns the number of pages protected.  Stops at the first failure
         (OSError); the pages before it stay protected.
         """
-        cdef int fd = self._fd("UFFDIO_WRITEPROTECT")
-        cdef size_t n = words.shape[0], i = 0
-        cdef uint64_t bit, run_start, page, total = 0, nbits = <uint64_t>n * 64
+        cdef int fd
+        cdef size_t n = words.shape[0]
+        cdef uint64_t total = 0, nbits = <uint64_t>n * 64
         cdef kd_uffdio_writeprotect wp
         cdef int r = 0, err = 0
         if base % _PAGE:
             raise ValueError("base must be page aligned")
         memset(&wp, 0, sizeof(wp))
         wp.mode = UFFDIO_WRITEPROTECT_MODE_WP
-        with nogil:
-            page = 0
-            while page < nbits:
-                if words[page >> 6] == 0 and page & 63 == 0:
-                    page += 64
-                    continue
-                if not (words[page >> 6] >> (page & 63)) & 1:
-                    page += 1
-                    continue
-                run_start = page
-                while page < nbits and (words[page >> 6] >> (page & 63)) & 1:
-                    page += 1
-                wp.range.start = base + (first_page + run_start) * _PAGE
-                wp.range.len = (page - run_start) * _PAGE
-                while True:
-                    r = ioctl(fd, KD_UFFDIO_WRITEPROTECT, &wp)
-                    err = errno
-                    if r == 0 or err != EINTR:
-                        break
-                if r:
-                    break
-                total += page - run_start
+        self._lock.acquire()
+        try:
+            fd = self._fd("UFFDIO_WRITEPROTECT")
+            with nogil:
+                total = _protect_runs(fd, base, &words[0] if n else NULL, nbits, first_page, &wp, &r, &err)
+        finally:
+            self._lock.release()
         if r:
             raise _os_error(err, "UFFDIO_WRITEPROTECT")
         return total
@@ -308,14 +305,44 @@ cdef class Uffd:
         return self.fd < 0
 
     def close(self):
-        """Close the fd: the kernel drops every registration made through it."""
-        if self.fd >= 0:
-            c_close(self.fd)
-            self.fd = -1
+        """Close the fd (after any ioctl in flight): the kernel drops its registrations."""
+        with self._lock:
+            if self.fd >= 0:
+                c_close(self.fd)
+                self.fd = -1
 
     def __dealloc__(self):
         if self.fd >= 0:
             c_close(self.fd)
+
+
+cdef uint64_t _protect_runs(int fd, uint64_t base, const uint64_t *words, uint64_t nbits,
+                            uint64_t first_page, kd_uffdio_writeprotect *wp, int *r,
+                            int *err) noexcept nogil:
+    """UFFDIO_WRITEPROTECT each run of set bits; stops at the first failure (r, err)."""
+    cdef uint64_t page = 0, run_start, total = 0
+    r[0] = 0
+    while page < nbits:
+        if page & 63 == 0 and words[page >> 6] == 0:
+            page += 64
+            continue
+        if not (words[page >> 6] >> (page & 63)) & 1:
+            page += 1
+            continue
+        run_start = page
+        while page < nbits and (words[page >> 6] >> (page & 63)) & 1:
+            page += 1
+        wp.range.start = base + (first_page + run_start) * _PAGE
+        wp.range.len = (page - run_start) * _PAGE
+        while True:
+            r[0] = ioctl(fd, KD_UFFDIO_WRITEPROTECT, wp)
+            err[0] = errno
+            if r[0] == 0 or err[0] != EINTR:
+                break
+        if r[0]:
+            break
+        total += page - run_start
+    return total
 
 
 cdef class Pagemap:
@@ -327,10 +354,14 @@ cdef class Pagemap:
     cdef int fd
     cdef kd_page_region *vec
     cdef size_t vec_bytes
+    # Held by every scan (the region buffer is shared) and by close(): a
+    # close racing a scan waits for it, so the buffer is never unmapped under it.
+    cdef object _lock
 
     def __cinit__(self):
         self.fd = -1
         self.vec = NULL
+        self._lock = threading.Lock()
 
     def __init__(self):
         cdef int fd
@@ -386,71 +417,82 @@ cdef class Pagemap:
         in `words` all the same (with PM_SCAN_WP_MATCHING it is re-protected).
         `words` is the caller's private buffer (plain stores).
         """
-        self._check()
         _check_range(start, end - start if end > start else 0)
         cdef uint64_t npages = (end - start) >> 12
         if <uint64_t>words.shape[0] * 64 < npages:
             raise ValueError(f"words has {words.shape[0]} words, {(npages + 63) >> 6} needed")
         cdef kd_pm_scan_arg arg
-        cdef long n, k
         cdef int err = 0
-        cdef uint64_t total = 0, a, b, cur = start
+        cdef uint64_t total = 0
         memset(&arg, 0, sizeof(arg))
         arg.size = sizeof(arg)
         arg.flags = flags
-        arg.vec = <uintptr_t>self.vec
         arg.vec_len = VEC_LEN
         arg.category_mask = category_mask
         arg.category_anyof_mask = anyof_mask
         arg.category_inverted = inverted
         arg.return_mask = category_mask | anyof_mask
-        with nogil:
-            while cur < end:
-                arg.start = cur
-                arg.end = end
-                arg.walk_end = 0
-                n = self._scan_once(&arg, &err)
-                for k in range(n):
-                    a = (self.vec[k].start - start) >> 12
-                    b = (self.vec[k].end - start) >> 12
-                    total += b - a
-                    _set_bits(&words[0], a, b)
-                if err == EINTR and arg.walk_end > cur:
-                    err = 0
-                if err:
-                    break
-                if arg.walk_end <= cur:       # no progress: nothing left to walk
-                    break
-                cur = arg.walk_end
+        with self._lock:
+            self._check()
+            arg.vec = <uintptr_t>self.vec
+            with nogil:
+                self._scan_bits(&arg, start, end, &words[0], &total, &err)
         return total, err
+
+    cdef uint64_t _scan_bits(self, kd_pm_scan_arg *arg, uint64_t start, uint64_t end,
+                             uint64_t *words, uint64_t *total, int *err) noexcept nogil:
+        cdef long n, k
+        cdef uint64_t a, b, cur = start
+        while cur < end:
+            arg.start = cur
+            arg.end = end
+            arg.walk_end = 0
+            n = self._scan_once(arg, err)
+            for k in range(n):
+                a = (self.vec[k].start - start) >> 12
+                b = (self.vec[k].end - start) >> 12
+                total[0] += b - a
+                _set_bits(words, a, b)
+            if err[0] == EINTR and arg.walk_end > cur:
+                err[0] = 0
+            if err[0]:
+                break
+            if arg.walk_end <= cur:       # no progress: nothing left to walk
+                break
+            cur = arg.walk_end
+        return cur
 
     def scan_regions(self, uint64_t start, uint64_t end, *, uint64_t flags,
                      uint64_t category_mask, uint64_t anyof_mask=0, uint64_t inverted=0):
         """The regions [a, b) of [start, end) matching the categories: (uint64 (n, 2) array, errno)."""
-        self._check()
         if start % _PAGE or end % _PAGE or end <= start:
             raise ValueError("start < end, both page aligned")
         cdef kd_pm_scan_arg arg
-        cdef long n, k
-        cdef int err = 0
-        cdef uint64_t cur = start
-        out = []
         memset(&arg, 0, sizeof(arg))
         arg.size = sizeof(arg)
         arg.flags = flags
-        arg.vec = <uintptr_t>self.vec
         arg.vec_len = VEC_LEN
         arg.category_mask = category_mask
         arg.category_anyof_mask = anyof_mask
         arg.category_inverted = inverted
         arg.return_mask = category_mask | anyof_mask
+        with self._lock:
+            self._check()
+            arg.vec = <uintptr_t>self.vec
+            return self._scan_regions(&arg, start, end)
+
+    cdef object _scan_regions(self, kd_pm_scan_arg *arg, uint64_t start, uint64_t end):
+        cdef long n, k
+        cdef int err = 0
+        cdef uint64_t cur = start
         cdef uint64_t[:, ::1] chunk
+        out = []
         while cur < end:
             arg.start = cur
             arg.end = end
             arg.walk_end = 0
             with nogil:
-                n = self._scan_once(&arg, &err)
+                n = self._scan_once(arg, &err)
             if n:
                 a = np.empty((n, 2), np.uint64)
                 chunk = a
@@ -467,6 +509,11 @@ cdef class Pagemap:
         return regions, err
 
     def close(self):
+        """Close the pagemap and free the region buffer (after any scan in flight)."""
+        with self._lock:
+            self._release()
+
+    cdef void _release(self) noexcept:
         if self.fd >= 0:
             c_close(self.fd)
             self.fd = -1
@@ -475,7 +522,7 @@ cdef class Pagemap:
             self.vec = NULL
 
     def __dealloc__(self):
-        self.close()
+        self._release()
 
 
 cdef inline void _set_bits(uint64_t *w, uint64_t a, uint64_t b) noexcept nogil:

@@ -145,3 +145,41 @@ def test_rounds_against_a_set_oracle(rounds):
     finally:
         t.close()
         m.close()
+
+
+def test_close_racing_scans_and_ioctls_never_crashes():
+    """close() in one thread while others scan / protect: each call succeeds or raises EBADF."""
+    import threading
+    for _ in range(20):
+        m = _kvm.Mapping(512 * PAGE)
+        t = Tracker(m)
+        pm = _host.Pagemap()
+        errors = []
+        start = threading.Event()
+
+        def hammer(fn):
+            start.wait()
+            for _ in range(200):
+                try:
+                    fn()
+                except OSError as e:
+                    if e.errno != errno.EBADF:
+                        errors.append(e)
+                    return
+
+        words = np.zeros(8, np.uint64)
+        fns = [lambda: pm.scan_bits(m.address, m.address + m.size, words, flags=0,
+                                    category_mask=_host.PAGE_IS_WRITTEN),
+               lambda: pm.scan_regions(m.address, m.address + m.size, flags=0,
+                                       category_mask=_host.PAGE_IS_WPALLOWED),
+               t.harvest, t.protect]
+        threads = [threading.Thread(target=hammer, args=(f,)) for f in fns]
+        for th in threads:
+            th.start()
+        start.set()
+        pm.close()
+        t.close()
+        for th in threads:
+            th.join()
+        assert not errors
+        m.close()
