@@ -183,3 +183,28 @@ def test_close_racing_scans_and_ioctls_never_crashes():
             th.join()
         assert not errors
         m.close()
+
+
+class _RefusingUffd:
+    """Stands in for _host.Uffd: refuses as a kernel or a policy would."""
+
+    def __init__(self, err, have=0):
+        self.err, self.have = err, have
+
+    def __call__(self, features, user_mode_only=False):
+        if features == 0:                      # the feature probe
+            return type("U", (), {"features": self.have, "close": lambda s: None})()
+        raise OSError(self.err, "refused")
+
+
+@pytest.mark.parametrize("err,have,words", [
+    (errno.EPERM, 0, "vm.unprivileged_userfaultfd"),
+    (errno.ENOSYS, 0, "no userfaultfd"),
+    (errno.EINVAL, _host.UFFD_FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_ASYNC"),
+])
+def test_refusals_become_one_clear_line(monkeypatch, err, have, words):
+    from kvmdirty.host import tracker
+    monkeypatch.setattr(tracker._host, "Uffd", _RefusingUffd(err, have))
+    with pytest.raises(tracker.HostTrackingUnsupported) as e:
+        tracker.open_uffd()
+    assert e.value.errno == err and words in e.value.strerror and "\n" not in e.value.strerror

@@ -131,3 +131,22 @@ def test_replay_on_a_real_backend_at_speed():
     res = replay(tr, [vm.create_vcpu(0)], speed=1.0)
     assert res.writes == 3 and res.elapsed_s >= 0.01
     assert _bitmap.to_gfns(vm.get_dirty_log(0)).tolist() == [1, 2, 3]
+
+
+def test_replay_on_the_host_backend_gives_the_trace_pages():
+    from host_util import HOST_UNUSABLE
+    if HOST_UNUSABLE:
+        pytest.skip(f"host write tracking unusable here: {HOST_UNUSABLE}")
+    import kvmdirty
+    from kvmdirty import _bitmap
+    tr = Trace(np.array([0, 1_000_000, 1_000_000, 3_000_000], np.uint64),
+               np.array([7, 9, 100, 7], np.uint64), np.array([0, 1, 1, 0], np.uint32),
+               {"duration_ns": 4_000_000})
+    vm = kvmdirty.open_vm("host")
+    try:
+        vm.set_user_memory_region(0, 0, 1 << 20, 1)
+        res = replay(tr, [vm.create_vcpu(0), vm.create_vcpu(1)], speed=0.5)
+        assert res.writes == 4 and res.elapsed_s >= 0.006
+        assert _bitmap.to_gfns(vm.get_dirty_log(0)).tolist() == [7, 9, 100]
+    finally:
+        vm.close()
