@@ -184,20 +184,25 @@ class Tracker:
         harvest reports only later writes.  Without it (manual protect) the
         pages stay reported until ``protect`` is called for them.
         """
-        flags = HARVEST_FLAGS if reprotect else _host.PM_SCAN_CHECK_WPASYNC
         with self._lock:
             self._check("PAGEMAP_SCAN")
-            words = np.zeros(self.nwords, np.uint64)
-            _, err = self._pagemap.scan_bits(self.address, self.address + self.length, words,
-                                             flags=flags, category_mask=_host.PAGE_IS_WRITTEN)
-            if reprotect:
-                words |= self._pending
+            if not reprotect:
+                words = self._pending.copy()
+                _, err = self._pagemap.scan_bits(self.address, self.address + self.length, words,
+                                                 flags=_host.PM_SCAN_CHECK_WPASYNC,
+                                                 category_mask=_host.PAGE_IS_WRITTEN)
+                if err:
+                    raise OSError(err, f"PAGEMAP_SCAN: {errno.errorcode.get(err, err)}")
+                return words
+            # The kernel re-protects what it reports: the bits go straight into
+            # _pending, and leave it only once copied out, so neither a failed
+            # walk nor a KeyboardInterrupt between the calls can drop them.
+            _, err = self._pagemap.scan_bits(self.address, self.address + self.length, self._pending,
+                                             flags=HARVEST_FLAGS, category_mask=_host.PAGE_IS_WRITTEN)
             if err:
-                if reprotect:
-                    self._pending[:] = words    # re-protected by the kernel: keep for next time
                 raise OSError(err, f"PAGEMAP_SCAN: {errno.errorcode.get(err, err)}")
-            if reprotect:
-                self._pending[:] = 0
+            words = self._pending.copy()
+            self._pending.fill(0)
             return words
 
     def protect(self, first_page: int = 0, words: Optional[np.ndarray] = None) -> int:
