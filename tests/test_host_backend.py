@@ -146,3 +146,14 @@ def test_bad_plans_raise_before_running(vm):
     with pytest.raises(ValueError):
         v.run([1, 2], np.array([1], np.uint64))
     assert _bitmap.to_gfns(vm.get_dirty_log(0)).tolist() == []
+
+
+def test_satisfies_the_shared_protocols(vm):
+    from kvmdirty.api import VcpuProtocol, VMProtocol
+    assert isinstance(vm, VMProtocol)
+    assert isinstance(vm.create_vcpu(0), VcpuProtocol)
+
+
+def test_open_vm_names_every_backend():
+    with pytest.raises(ValueError, match="'host'"):
+        kvmdirty.open_vm("nope")
