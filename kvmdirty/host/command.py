@@ -89,7 +89,8 @@ def add_dirtyrate(sub) -> Handler:
     p.add_argument("--sample-pages", type=int, default=DEFAULT_SAMPLE_PAGES,
                    help=f"page-sampling: pages per GiB (QEMU default {DEFAULT_SAMPLE_PAGES}, 128..16384)")
     p.add_argument("--ring-entries", type=int, default=DEFAULT_RING_ENTRIES,
-                   help=f"ring: entries per vCPU ring (default {DEFAULT_RING_ENTRIES})")
+                   help=f"ring: entries per vCPU ring; reaped when soft-full, 64 short "
+                        f"(default {DEFAULT_RING_ENTRIES})")
     p.add_argument("--reap-interval", type=_positive_float, default=DEFAULT_REAP_INTERVAL_S,
                    help=f"ring: seconds between reaps (QEMU's reaper: {DEFAULT_REAP_INTERVAL_S:g})")
     p.add_argument("--seed", type=int, default=0, help="seed of the page sampling (default 0)")

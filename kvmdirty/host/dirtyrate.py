@@ -24,7 +24,8 @@ ring                 per-vCPU dirty-ring entries pushed in the window, each
                      summed.  A page is pushed on its first write after being
                      write-protected; protection is restored when the rings are
                      reaped: QEMU's reaper every ``reap_interval`` (1 s) and
-                     whenever a vCPU's ring fills (``ring_entries`` each).
+                     whenever a vCPU's ring is soft-full (``ring_entries``
+                     minus KVM's reserve of 64: KVM_EXIT_DIRTY_RING_FULL).
 bitmap               one sync at the start (discarded), one at the end: the
                      distinct pages of the window, converted as above.
 
@@ -38,6 +39,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..limits import DIRTY_RING_RSVD_ENTRIES
 from .trace import PAGE_SIZE, Trace
 
 #: QEMU's DIRTYRATE_DEFAULT_SAMPLE_PAGES, MIN/MAX_SAMPLE_PAGE_COUNT, MIN_RAMBLOCK_SIZE (KiB).
@@ -87,12 +89,12 @@ def sampling_expectation(written: np.ndarray, memory_bytes: int, msec: int,
 
 
 def ring_entries_pushed(t_ns: np.ndarray, gfn: np.ndarray, vcpu: np.ndarray, start_ns: int,
-                        reap_ns: int, ring_entries: int) -> Dict[int, int]:
+                        reap_ns: int, soft_limit: int) -> Dict[int, int]:
     """Entries each vCPU pushes for the events of one window (sorted by time), per vCPU.
 
     All pages are protected at the window's start; after each reap (every
-    ``reap_ns`` from the start, or when any vCPU's ring holds
-    ``ring_entries``) written pages are protected again.
+    ``reap_ns`` from the start, or when any vCPU's ring holds ``soft_limit``
+    entries and exits DIRTY_RING_FULL) written pages are protected again.
     """
     pushed: Dict[int, int] = {}
     epoch_of = (t_ns - np.uint64(start_ns)) // np.uint64(reap_ns)
@@ -103,7 +105,7 @@ def ring_entries_pushed(t_ns: np.ndarray, gfn: np.ndarray, vcpu: np.ndarray, sta
         first.sort()
         owners = v[first]                   # who pushed each page (the first writer)
         counts = np.bincount(owners)
-        if counts.max(initial=0) < ring_entries:
+        if counts.max(initial=0) < soft_limit:
             for i, c in enumerate(counts):
                 if c:
                     pushed[i] = pushed.get(i, 0) + int(c)
@@ -117,7 +119,7 @@ def ring_entries_pushed(t_ns: np.ndarray, gfn: np.ndarray, vcpu: np.ndarray, sta
             seen.add(page)
             pushed[who] = pushed.get(who, 0) + 1
             fill[who] = fill.get(who, 0) + 1
-            if fill[who] >= ring_entries:        # ring full: every ring is reaped
+            if fill[who] >= soft_limit:          # soft-full: QEMU reaps every ring
                 seen.clear()
                 fill.clear()
     return pushed
@@ -158,8 +160,9 @@ def estimate(trace: Trace, periods_s: Sequence[float] = DEFAULT_PERIODS_S, *,
     """One PeriodRow per period that fits at least once in the trace."""
     if not MIN_SAMPLE_PAGES <= sample_pages_per_gib <= MAX_SAMPLE_PAGES:
         raise ValueError(f"sample pages per GiB must be in [{MIN_SAMPLE_PAGES}, {MAX_SAMPLE_PAGES}]")
-    if ring_entries < 1 or not reap_interval_s > 0:
-        raise ValueError("ring_entries must be >= 1 and reap_interval_s > 0")
+    if ring_entries <= DIRTY_RING_RSVD_ENTRIES or not reap_interval_s > 0:
+        raise ValueError(f"ring_entries must be > {DIRTY_RING_RSVD_ENTRIES} (KVM's reserve) "
+                         "and reap_interval_s > 0")
     rng = np.random.default_rng(seed)
     mem = int(trace.meta["memory_bytes"])
     npages = trace.npages
@@ -191,7 +194,8 @@ def estimate(trace: Trace, periods_s: Sequence[float] = DEFAULT_PERIODS_S, *,
                 expct.append(sampling_expectation(written, mem, msec, sample_pages_per_gib))
                 zero += s == 0 and d > 0
             pushed = ring_entries_pushed(trace.t_ns[a:b], g, vcpu[a:b], k * p_ns,
-                                         int(reap_interval_s * 1e9), ring_entries)
+                                         int(reap_interval_s * 1e9),
+                                         ring_entries - DIRTY_RING_RSVD_ENTRIES)
             ring.append(sum(qemu_rate(c, msec) for c in pushed.values()))
             bitmap.append(qemu_rate(d, msec))
         to_rate = PAGE_SIZE / MIB / period
