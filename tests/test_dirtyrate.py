@@ -132,16 +132,16 @@ def test_periods_longer_than_the_trace_are_left_out_and_bad_args_refused():
 
 
 def test_estimate_reaps_at_the_soft_limit_not_the_ring_size():
-    """Ring of 64 + 50 entries: soft-full after 50 pushes (KVM reserves 64), so
-    100 pages written twice in a window are pushed 200 times, not 100."""
+    """Ring of 64 + 500 entries: soft-full after 500 pushes (KVM reserves 64), so
+    1000 pages written twice in a window are pushed 2000 times, not 1000."""
     period = 1_000_000_000
-    pages = np.arange(100, dtype=np.uint64)
+    pages = np.arange(1000, dtype=np.uint64)
     tr = per_window(pages, 1, period, memory=1 << 24, repeat=2)
-    row_small = estimate(tr, [1.0], ring_entries=64 + 50)[0]
+    row_small = estimate(tr, [1.0], ring_entries=64 + 500)[0]
     row_big = estimate(tr, [1.0], ring_entries=1 << 20)[0]
     t = tr.t_ns
-    assert ring_entries_pushed(t, tr.gfn, np.zeros(len(t), np.uint32), 0, period, 50) == {0: 200}
-    assert ring_entries_pushed(t, tr.gfn, np.zeros(len(t), np.uint32), 0, period, 1 << 20) == {0: 100}
-    assert row_small.ring == qemu_rate(200, 1000) and row_big.ring == qemu_rate(100, 1000)
+    assert ring_entries_pushed(t, tr.gfn, np.zeros(len(t), np.uint32), 0, period, 500) == {0: 2000}
+    assert ring_entries_pushed(t, tr.gfn, np.zeros(len(t), np.uint32), 0, period, 1 << 20) == {0: 1000}
+    assert (row_small.ring, row_big.ring) == (qemu_rate(2000, 1000), qemu_rate(1000, 1000)) == (7, 3)
     with pytest.raises(ValueError, match="reserve"):
         estimate(tr, [1.0], ring_entries=64)
