@@ -203,6 +203,8 @@ COMMANDS = [
     ("compare", _add_compare),
     ("info", _add_info),
     ("bench", _add_bench),
+    ("record", lambda sub: __import__("kvmdirty.host.command", fromlist=["x"]).add_record(sub)),
+    ("dirtyrate", lambda sub: __import__("kvmdirty.host.command", fromlist=["x"]).add_dirtyrate(sub)),
 ]
 
 

@@ -466,10 +466,14 @@ def _maxphyaddr(cpuid: np.ndarray) -> int:
 
 
 def open_vm(backend: str = "sim", **kw: Any) -> Any:
-    """A VM of either backend: "sim" (vm.VM, the simulator) or "kvm" (KvmVM, /dev/kvm)."""
+    """A VM of any backend: "sim" (vm.VM, the simulator), "kvm" (KvmVM, /dev/kvm) or
+    "host" (host.backend.HostVM, the host kernel's userfaultfd-wp + PAGEMAP_SCAN)."""
     if backend == "kvm":
         return KvmVM(**kw)
     if backend == "sim":
         from .vm import VM
         return VM(**kw)
-    raise ValueError(f"backend must be 'sim' or 'kvm', not {backend!r}")
+    if backend == "host":
+        from .host.backend import HostVM
+        return HostVM(**kw)
+    raise ValueError(f"backend must be 'sim', 'kvm' or 'host', not {backend!r}")
