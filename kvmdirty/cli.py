@@ -18,6 +18,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from .bench import add_parser as _add_bench
+from .migrate.command import add_calibrate_parser, add_migrate_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -164,6 +165,8 @@ COMMANDS = [
     ("compare", _add_compare),
     ("info", _add_info),
     ("bench", _add_bench),
+    ("migrate", add_migrate_parser),
+    ("calibrate", add_calibrate_parser),
 ]
 
 

@@ -218,8 +218,8 @@ class RingTracker(Tracker):
                 self.pending.append(self.first[slots & 0xFFFF] + offs)
                 n += len(offs)
         reset = self.vm.reset_dirty_rings() if n else 0
-        held = reset * c.protect_per_page + (c.tlb_flush if reset else 0.0)
-        cost = n * c.ring_collect_per_entry + c.ioctl + reset * c.ring_reset_per_entry + held
+        held = reset * c.ring_reset_per_entry + (c.tlb_flush if reset else 0.0)
+        cost = n * c.ring_collect_per_entry + c.ioctl + held
         self.stats["reaps"] += 1
         self.stats["reaped_entries"] += n
         return cost, held
