@@ -10,7 +10,8 @@ to what decides time, bytes and downtime:
   max-bandwidth) for the time its syncs and clears leave it;
 - every ~100 ms the bandwidth achieved is measured (migration_update_counters)
   and threshold = bandwidth x downtime-limit;
-- when the bytes still flagged are at or below the threshold, sync
+- after each ram_save_iterate (at most 50 ms of sending: MAX_WAIT), when
+  the bytes still flagged are at or below the threshold, sync
   (ram_state_pending_exact); if the bytes flagged after it are below the
   threshold: stop the guest, sync once more and send the rest
   (migration_completion).  Downtime = that final sync + the rest on the wire.
@@ -38,6 +39,7 @@ from .trackers import make_tracker
 from .vcpus import Guest
 
 BANDWIDTH_PERIOD = 0.1      # BUFFER_DELAY: QEMU re-measures bandwidth every 100 ms
+ITERATION = 0.05            # MAX_WAIT: ram_save_iterate returns after at most 50 ms of sending
 THROTTLE_PERIOD = 1.0       # auto-converge checks at most once per second of syncs
 
 
@@ -100,6 +102,7 @@ class _Precopy:
         self.tperiod = (0.0, 0, 0)  # (time, bytes sent, pages newly dirty) since the last throttle check
         self.last_new = (0.0, 0)    # (time, pages newly dirty) at the previous sync
         self.dl_logged_t = 0.0
+        self.since_check = 0.0
 
     # -- the migration thread's operations -----------------------------------
     def _sync(self) -> int:
@@ -189,6 +192,10 @@ class _Precopy:
                 self.threshold = self.bw * cfg.downtime_limit
                 self.period = (self.t, self.sent)
                 self.timeline.append(TimelinePoint(self.t, self.mig.count, self.sent))
+            self.since_check += dt
+            if self.since_check < ITERATION - 1e-12:
+                continue
+            self.since_check = 0.0
             if self.bw and self.mig.count * PAGE_SIZE <= self.threshold:
                 before = self.busy
                 new = self._sync()

@@ -37,6 +37,7 @@ class Guest:
         self._logged = np.zeros(len(rates), np.int64)
         self.running = True
         self.quantum = 0
+        self.record: Optional[List[np.ndarray]] = None   # the pages written, when asked (checkpoints)
 
     def run(self, dt: float) -> int:
         """Run every vCPU for ``dt`` virtual seconds; returns the writes done."""
@@ -62,7 +63,10 @@ class Guest:
             if n == 0:
                 continue
             # A value no earlier write used: a lost write shows at the destination.
-            ex = v.run(self.plans[i].take(n), (self.quantum << 12) | (i + 1))
+            plan = self.plans[i].take(n)
+            if self.record is not None:
+                self.record.append(plan)
+            ex = v.run(plan, (self.quantum << 12) | (i + 1))
             while ex.remaining:
                 stall = self.tracker.on_exit(v, ex.reason)
                 st.ring_full_exits += 1
