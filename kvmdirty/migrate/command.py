@@ -116,8 +116,6 @@ def _configs(args: argparse.Namespace) -> List[MigrationConfig]:
         base["downtime_limit"] = args.downtime_limit / 1000.0
     if args.fault:
         base["faults"] = tuple(args.fault)
-    if args.cost:
-        base["cost_overrides"] = dict(args.cost)
     designs = args.designs or designs
     lists = {
         "memory": args.memory or [base.get("memory", 4 << 30)],
@@ -138,6 +136,8 @@ def _configs(args: argparse.Namespace) -> List[MigrationConfig]:
 
 def _run_migrate(args: argparse.Namespace) -> int:
     costs = resolve(args.costs)
+    if args.cost:
+        costs = costs.override(dict(args.cost))
     cfgs = _configs(args)
     if args.mode == "checkpoint":
         from .checkpoint import CheckpointConfig, format_checkpoints, run_checkpoints

@@ -182,10 +182,10 @@ class _Precopy:
                 self.frac = want - n
                 self._sent_since_row += self._send(n)
             self.t += dt
-            if self.limit is not None and self.limit.active:
-                if self.limit.adjust(self.t, guest.logged(), self.t - self.dl_logged_t):
-                    self.dl_logged_t = self.t
-                    guest.limit_sleep[:] = self.limit.sleep_us * 1e-6
+            if self.limit is not None and self.limit.due(self.t):
+                self.limit.adjust(self.t, guest.logged(), self.t - self.dl_logged_t)
+                self.dl_logged_t = self.t
+                guest.limit_sleep[:] = self.limit.sleep_us * 1e-6
             p0, b0 = self.period
             if self.t - p0 >= BANDWIDTH_PERIOD - 1e-12:
                 self.bw = (self.sent - b0) / (self.t - p0)

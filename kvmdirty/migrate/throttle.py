@@ -85,10 +85,11 @@ class DirtyLimit:
         self.max_rate = max(self.max_rate, rate)
         return self.ring_mib * 1e6 / self.max_rate
 
-    def adjust(self, now: float, logged_pages: np.ndarray, span: float) -> bool:
-        """dirtylimit_process once a period; ``logged_pages`` per vCPU over ``span`` seconds."""
-        if not self.active or now < self.next:
-            return False
+    def due(self, now: float) -> bool:
+        return self.active and now >= self.next - 1e-9
+
+    def adjust(self, now: float, logged_pages: np.ndarray, span: float) -> None:
+        """dirtylimit_process (once a period): ``logged_pages`` per vCPU over ``span`` seconds."""
         self.next = now + self.period
         for i, pages in enumerate(logged_pages):
             cur = pages * PAGE_SIZE / MB / span                 # MB/s, as vcpu_dirty_rate_get
@@ -106,4 +107,3 @@ class DirtyLimit:
             else:
                 self.sleep_us[i] += full / 10 if self.quota < cur else -full / 10
             self.sleep_us[i] = min(max(self.sleep_us[i], 0.0), full * self.PCT_MAX)
-        return True
