@@ -30,7 +30,8 @@ COST_DOC: Dict[str, str] = {
     "wp_fault": "a guest write fault that logs a page (exit, log, make writable, re-enter)",
     "ring_full_exit": "a KVM_EXIT_DIRTY_RING_FULL exit to user space and re-entry",
     "vcpu_kick": "kicking a vCPU out of the guest and back (a KVM_RUN round trip)",
-    "log_start_per_gib": "enabling dirty logging on a memslot per GiB (write-protects it)",
+    "log_start_per_gib": "enabling dirty logging on a fully mapped memslot per GiB (write-protects it); "
+                         "also the bound on protecting a densely dirty range",
     "qemu_sync_per_gib": "QEMU merging a slot's dirty bitmap into the migration bitmap, per GiB",
     "send_per_byte": "migration thread CPU per byte sent (caps the send rate at 1/this)",
 }

@@ -77,6 +77,14 @@ class Tracker:
         """Background work due at virtual time ``now`` (the ring reaper)."""
         return 0.0, 0.0
 
+    def _protect(self, pages: int, span: int) -> float:
+        """Write-protecting ``pages`` dirty pages among ``span``: per page when sparse, at
+        most what protecting the whole span costs (the walk of a log start) when dense."""
+        if not pages:
+            return 0.0
+        c = self.costs
+        return min(pages * c.protect_per_page, span / GIB_PAGES * c.log_start_per_gib) + c.tlb_flush
+
     def _qemu_merge(self) -> float:
         # kvm_slot_sync_dirty_pages + ramblock_sync_dirty_bitmap walk whole bitmaps.
         return self.mem.npages / GIB_PAGES * self.costs.qemu_sync_per_gib
@@ -94,7 +102,7 @@ class BitmapTracker(Tracker):
             words = self.vm.get_dirty_log(sid)
             dirty = _popcount(words)
             mig.merge_words(first, n, words)
-            held = dirty * c.protect_per_page + (c.tlb_flush if dirty else 0.0)
+            held = self._protect(dirty, n)
             cost += c.ioctl + n / GIB_PAGES * c.get_log_per_gib + held
             lock += held
             self.stats["harvested_pages"] += dirty
@@ -171,7 +179,7 @@ class ClearLogTracker(Tracker):
                     continue
                 cleared = self.vm.clear_dirty_log(sid, ch * chunk, n, mask)
                 self.snap[sid][w0:w1] = 0
-                held = cleared * c.protect_per_page + (c.tlb_flush if cleared else 0.0)
+                held = self._protect(cleared, n)
                 cost += c.ioctl + n / GIB_PAGES * c.clear_per_gib + held
                 lock += held
                 self.stats["clears"] += 1
