@@ -80,6 +80,8 @@ def add_migrate_parser(sub) -> Handler:
     p.add_argument("--aid", choices=AIDS, help="convergence aid (default none)")
     p.add_argument("--tailslow", action="store_true", default=None, help="auto-converge: cpu-throttle-tailslow")
     p.add_argument("--dirty-limit", type=float, help="dirty-limit: vcpu-dirty-limit MB/s (default 1)")
+    p.add_argument("--postcopy-after", type=int, help="switch to postcopy after N syncs (default: never)")
+    p.add_argument("--postcopy-rtt", type=float, help="postcopy page request round trip, s (default 100e-6)")
     p.add_argument("--max-time", type=float, help="give up after this many virtual seconds (default 600)")
     p.add_argument("--max-rounds", type=int, help="give up after this many syncs (default: no limit)")
     p.add_argument("--quantum", type=float, help="virtual seconds per scheduling step (default 0.01)")
@@ -109,7 +111,8 @@ def _configs(args: argparse.Namespace) -> List[MigrationConfig]:
     simple = {"vcpus": args.vcpus, "pattern": args.pattern, "trace": args.trace,
               "reaper_period": args.reaper_period, "clear_shift": args.clear_shift,
               "aid": args.aid, "tailslow": args.tailslow, "dirty_limit_mb": args.dirty_limit,
-              "max_time": args.max_time, "max_rounds": args.max_rounds, "quantum": args.quantum,
+              "max_time": args.max_time, "postcopy_after": args.postcopy_after,
+              "postcopy_rtt": args.postcopy_rtt, "max_rounds": args.max_rounds, "quantum": args.quantum,
               "seed": args.seed}
     base.update({k: v for k, v in simple.items() if v is not None})
     if args.downtime_limit is not None:
@@ -199,7 +202,9 @@ def format_summary(results) -> str:
                      f"{100 * r.progress:.1f}%", "ok" if r.verified else "MISMATCH",
                      f"{r.wall_time:.1f} s"))
     out = _table(rows)
-    notes = [f"  {r.design}: {r.why}" for r in results if not r.converged]
+    notes = [f"  {r.design}: {r.why}" for r in results if not r.converged or r.postcopy_faults]
+    notes += [f"  {r.design}: postcopy stall {fmt_time(r.postcopy_stall)} over all vCPUs"
+              for r in results if r.postcopy_faults]
     return out + ("\n" + "\n".join(notes) if notes else "")
 
 

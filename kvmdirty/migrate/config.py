@@ -37,6 +37,8 @@ class MigrationConfig:
     aid: str = "none"
     tailslow: bool = False
     dirty_limit_mb: float = 1.0          # vcpu-dirty-limit, MB/s per vCPU
+    postcopy_after: int = 0              # switch to postcopy after this many syncs (0: never)
+    postcopy_rtt: float = 100e-6         # network round trip of a postcopy page request (a link parameter)
     max_time: float = 600.0              # give up (did not converge) after this many virtual seconds
     max_rounds: int = 0                  # ... or after this many syncs (0: no limit)
     quantum: float = 0.01                # virtual seconds per scheduling step
@@ -64,6 +66,8 @@ class MigrationConfig:
             raise ValueError("dirty-limit needs the dirty ring (QEMU refuses it otherwise)")
         if not 0 < self.quantum <= 0.1:
             raise ValueError("quantum must be in (0, 0.1] seconds")
+        if self.postcopy_after < 0 or self.postcopy_rtt < 0:
+            raise ValueError("postcopy_after and postcopy_rtt must be >= 0")
         if self.max_time <= 0:
             raise ValueError("max_time must be > 0")
         self.faults = tuple(self.faults)

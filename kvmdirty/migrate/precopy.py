@@ -206,6 +206,8 @@ class _Precopy:
                 if self.mig.count * PAGE_SIZE < self.threshold:
                     converged, why = True, "converged: dirty bytes below bandwidth x downtime-limit"
                     break
+                if cfg.postcopy_after and self.rounds >= cfg.postcopy_after:
+                    return self._postcopy()
             if self.t >= cfg.max_time - 1e-9:
                 why = (f"did not converge: time limit {cfg.max_time:g} s reached after "
                        f"{self.rounds} rounds")
@@ -221,6 +223,40 @@ class _Precopy:
         return new * PAGE_SIZE / (self.t - t0) if self.t > t0 else 0.0
 
     final_rate = 0.0
+
+    def _postcopy(self) -> MigrationResult:
+        """Switch to postcopy: stop, sync, discard; run at the destination, pull and push."""
+        from .postcopy import Postcopy
+        cfg = self.cfg
+        self.guest.stop()
+        stop = self.t
+        self.rows[-1].pages_sent = self._sent_since_row
+        self._sync()
+        downtime = self.busy
+        self.busy = 0.0
+        self.t += downtime
+        self.timeline.append(TimelinePoint(self.t, self.mig.count, self.sent))
+        pc = Postcopy(self.guest, self.mig, self.dest, self.rate, cfg.postcopy_rtt)
+        last = self.t
+        while self.mig.count:
+            dt = cfg.quantum
+            link = pc.run(dt)
+            pc.push(max(0.0, dt - link))
+            self.t += dt
+            if self.t - last >= BANDWIDTH_PERIOD - 1e-12 or not self.mig.count:
+                last = self.t
+                self.timeline.append(TimelinePoint(self.t, self.mig.count, self.sent + pc.sent))
+        bad, total = pc.mismatches()
+        st = self.tracker.stats
+        return MigrationResult(
+            design=self.tracker.name, params=cfg.to_json(), converged=True,
+            why=f"postcopy after {self.rounds} rounds: {pc.faults} remote faults",
+            total_time=self.t, downtime=downtime, bytes_sent=self.sent + pc.sent,
+            guest_bytes=cfg.memory, rounds=self.rounds, verified=total == 0, mismatched_gfns=bad,
+            vcpus=self.guest.finish(), table=self.rows, timeline=self.timeline, stop_time=stop,
+            tracker={k: float(v) for k, v in st.items()},
+            throttle_pct=self.auto.pct if self.auto else 0.0,
+            postcopy_faults=pc.faults, postcopy_stall=pc.stall, final_dirty_rate=self.final_rate)
 
     def _complete(self, converged: bool, why: str) -> MigrationResult:
         """migration_completion: stop the guest, final sync, send the rest."""
