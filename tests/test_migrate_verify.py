@@ -18,6 +18,10 @@ EXPOSED = {
     "bitmap": ["skip-flush", "unlogged-fault"],
     "clear-log": ["skip-flush", "unlogged-fault"],
     "ring": ["skip-flush", "unlogged-fault", "skip-reset-protect"],
+    "indexed-ring": ["skip-flush", "unlogged-fault", "skip-reset-protect"],
+    "shared-ring": ["skip-flush", "unlogged-fault", "skip-reset-protect"],
+    "switched-bitmap": ["skip-flush", "unlogged-fault"],
+    "switched-bitmap-user": ["skip-flush", "unlogged-fault"],
 }
 
 

@@ -13,6 +13,9 @@ step costs, from the cost table:
                every vCPU and reaps; a vCPU whose ring is full exits and reaps
                all rings itself before re-entering (QEMU's kvm_cpu_exec)
 
+and the seed-era designs of kvmdirty.seeds (SeedTracker), driven like the
+ring or like the bitmap according to their kind.
+
 A step returns (seconds, lock): ``lock`` is the part spent write-protecting
 under the MMU lock, which a vCPU's write fault has to wait for.
 """
@@ -22,7 +25,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ..api import EXIT_DIRTY_RING_FULL
+from ..api import EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL
 from .costs import Costs
 from .memory import GIB_PAGES, GuestMemory, MigrationBitmap
 
@@ -268,7 +271,92 @@ class RingTracker(Tracker):
         return cost, lock
 
 
-DESIGNS = ("bitmap", "clear-log", "ring")
+class SeedTracker(Tracker):
+    """A seed-era design (kvmdirty.seeds) through its uniform ``harvest()``.
+
+    Ring-like designs (indexed-ring, shared-ring) are driven as QEMU drives the
+    ring: a timed reaper, a harvest at each sync, a harvest by the vCPU that
+    hits a full log; costs per entry.  Bitmap-like designs (switched-bitmap,
+    switched-bitmap-user) as the bitmap: a switch per slot per sync, a scan of
+    the retired bitmap per GiB, a protect per dirty page.
+    """
+
+    RINGS = ("indexed-ring", "shared-ring")
+
+    def __init__(self, costs: Costs, design: str, entries: int = 4096,
+                 reaper_period: float = 1.0) -> None:
+        super().__init__(costs)
+        self.name = design
+        self.ringlike = design in self.RINGS
+        self.entries, self.period = entries, reaper_period
+        self.next_reap = reaper_period
+        self.pending: List[np.ndarray] = []
+        self.stats.update(harvests=0, harvested_entries=0, reaper_time=0.0, full_exits=0,
+                          full_reap_time=0.0)
+
+    def vm_options(self) -> dict:
+        opts = {"entries": self.entries} if self.ringlike else None
+        return {"design": self.name, "design_options": opts}
+
+    def attach(self, mem: GuestMemory) -> None:
+        super().attach(mem)
+        self.first = {sid: first for sid, first, _ in mem.layout}
+
+    def _harvest(self) -> Step:
+        c = self.costs
+        got = self.vm.design.harvest()
+        n = 0
+        for sid, offs in got.items():
+            if len(offs):
+                self.pending.append(np.uint64(self.first[sid]) + offs)
+                n += len(offs)
+        self.stats["harvests"] += 1
+        self.stats["harvested_entries"] += n
+        if self.ringlike:
+            held = n * c.ring_reset_per_entry + (c.tlb_flush if n else 0.0)
+            return n * c.ring_collect_per_entry + c.ioctl + held, held
+        cost = lock = 0.0
+        for sid, first, npages in self.mem.layout:
+            k = len(got.get(sid, ()))
+            held = self._protect(k, npages)
+            cost += c.ioctl + npages / GIB_PAGES * c.get_log_per_gib + held
+            lock += held
+        return cost, lock
+
+    def _drain(self, mig: MigrationBitmap) -> None:
+        if self.pending:
+            g = np.concatenate(self.pending)
+            self.pending = []
+            self.stats["harvested_pages"] += mig.merge_gfns(g.astype(np.int64))
+
+    def sync(self, mig: MigrationBitmap) -> Tuple[float, float, float]:
+        cost, lock = self._harvest()
+        self._drain(mig)
+        cost += self._qemu_merge()
+        self.stats["syncs"] += 1
+        self.stats["sync_time"] += cost
+        return cost, lock, self.costs.vcpu_kick if self.ringlike else 0.0
+
+    def on_exit(self, vcpu, reason: int) -> float:
+        if reason not in (EXIT_DIRTY_RING_FULL, EXIT_DIRTY_LOG_FULL) or not self.ringlike:
+            return super().on_exit(vcpu, reason)
+        cost, _ = self._harvest()
+        self.stats["full_exits"] += 1
+        self.stats["full_reap_time"] += cost
+        return self.costs.ring_full_exit + cost
+
+    def tick(self, now: float) -> Step:
+        if not self.ringlike or now < self.next_reap:
+            return 0.0, 0.0
+        while self.next_reap <= now:
+            self.next_reap += self.period
+        cost, lock = self._harvest()
+        self.stats["reaper_time"] += cost
+        return cost, lock
+
+
+SEED_DESIGNS = ("indexed-ring", "shared-ring", "switched-bitmap", "switched-bitmap-user")
+DESIGNS = ("bitmap", "clear-log", "ring") + SEED_DESIGNS
 
 
 def make_tracker(design: str, costs: Costs, *, ring_entries: int = 4096,
@@ -280,4 +368,6 @@ def make_tracker(design: str, costs: Costs, *, ring_entries: int = 4096,
         return ClearLogTracker(costs, clear_shift)
     if design == "ring":
         return RingTracker(costs, ring_entries, reaper_period)
+    if design in SEED_DESIGNS:
+        return SeedTracker(costs, design, ring_entries, reaper_period)
     raise ValueError(f"unknown design {design!r}; known: {', '.join(DESIGNS)}")
