@@ -13,7 +13,6 @@ the same value at the secondary as at the primary; with the initial equality
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
@@ -158,4 +157,4 @@ def format_checkpoints(results: Sequence[CheckpointResult]) -> str:
     return _table(rows)
 
 
-__all__ = ["CheckpointConfig", "run_checkpoints", "format_checkpoints", "dataclasses"]
+__all__ = ["CheckpointConfig", "run_checkpoints", "format_checkpoints"]

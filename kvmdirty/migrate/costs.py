@@ -11,7 +11,7 @@ profile (``default_costs.json`` next to this file) was measured by
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 

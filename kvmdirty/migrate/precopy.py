@@ -23,9 +23,7 @@ result says ``converged=False`` and why.
 from __future__ import annotations
 
 import time
-from typing import Optional, Union
-
-import numpy as np
+from typing import Union
 
 from ..api import PAGE_SIZE
 from ..vm import VM
@@ -103,6 +101,9 @@ class _Precopy:
         self.last_new = (0.0, 0)    # (time, pages newly dirty) at the previous sync
         self.dl_logged_t = 0.0
         self.since_check = 0.0
+        self._dl_high = 0           # dirty-limit's trigger count (auto-converge's rule)
+        self._sent_since_row = 0
+        self.final_rate = 0.0       # bytes/s newly dirty over the last sync period
 
     # -- the migration thread's operations -----------------------------------
     def _sync(self) -> int:
@@ -153,9 +154,6 @@ class _Precopy:
                 self.guest.logged()
                 self.dl_logged_t = self.t
             self._dl_high = probe.high
-
-    _dl_high = 0
-    _sent_since_row = 0
 
     def run(self) -> MigrationResult:
         cfg, guest = self.cfg, self.guest
@@ -221,8 +219,6 @@ class _Precopy:
         t0, _ = self.last_new
         self.last_new = (self.t, new)
         return new * PAGE_SIZE / (self.t - t0) if self.t > t0 else 0.0
-
-    final_rate = 0.0
 
     def _postcopy(self) -> MigrationResult:
         """Switch to postcopy: stop, sync, discard; run at the destination, pull and push."""
