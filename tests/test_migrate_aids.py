@@ -83,3 +83,15 @@ def test_checkpoint_catches_injected_bug():
                           faults=("skip-reset-protect",), ring_entries=1024)
     r = run_checkpoints(CheckpointConfig(cfg, epoch=0.05, checkpoints=20), Costs.zero())
     assert not r.verified and r.mismatched_gfns
+
+
+def test_dirty_limit_slows_only_the_fast_vcpu():
+    """dirty-limit's reason to exist: one vCPU dirtying fast, three slowly; only it sleeps."""
+    cfg = MigrationConfig(design="ring", aid="dirty-limit", dirty_limit_mb=20, vcpus=4,
+                          vcpu_dirty_rates=(1.2e9, 10e6, 10e6, 10e6), memory=2 << 30,
+                          bandwidth=1e9, max_bandwidth=1e9, max_time=60)
+    r = run(cfg, Costs.zero())
+    assert r.verified and cfg.dirty_rate == pytest.approx(1.23e9)
+    fast, *slow = r.vcpus
+    assert fast.throttle_time > 0 and all(v.throttle_time == 0 for v in slow)
+    assert fast.progress < 0.9 and all(v.progress > 0.99 for v in slow)

@@ -67,6 +67,8 @@ def add_migrate_parser(sub) -> Handler:
     p.add_argument("--vcpus", type=int, help="vCPUs (default 4)")
     p.add_argument("--dirty-rate", type=_arg(lambda t: parse_list(t, parse_rate)),
                    help="guest page writes in bytes/s, over all vCPUs (default 100M)")
+    p.add_argument("--vcpu-dirty-rates", type=_arg(lambda t: parse_list(t, parse_rate)),
+                   help="one rate per vCPU instead (sets --vcpus and the dirty rate)")
     p.add_argument("--pattern", help="write pattern of kvmdirty.workloads (default uniform)")
     p.add_argument("--trace", help="trace file for --pattern trace")
     p.add_argument("--bandwidth", type=_arg(lambda t: parse_list(t, parse_rate)),
@@ -119,6 +121,9 @@ def _configs(args: argparse.Namespace) -> List[MigrationConfig]:
         base["downtime_limit"] = args.downtime_limit / 1000.0
     if args.fault:
         base["faults"] = tuple(args.fault)
+    if args.vcpu_dirty_rates:
+        base["vcpu_dirty_rates"] = tuple(args.vcpu_dirty_rates)
+        base["vcpus"] = len(args.vcpu_dirty_rates)
     designs = args.designs or designs
     lists = {
         "memory": args.memory or [base.get("memory", 4 << 30)],
@@ -130,7 +135,9 @@ def _configs(args: argparse.Namespace) -> List[MigrationConfig]:
     for d, mem, rate, bw in itertools.product(designs, lists["memory"], lists["dirty_rate"],
                                               lists["bandwidth"]):
         for ring in (rings if d == "ring" else rings[:1]):
-            kw = dict(base, design=d, memory=mem, dirty_rate=rate, bandwidth=bw, ring_entries=ring)
+            kw = dict(base, design=d, memory=mem, bandwidth=bw, ring_entries=ring)
+            if not args.vcpu_dirty_rates:
+                kw["dirty_rate"] = rate
             mb = args.max_bandwidth if args.max_bandwidth is not None else base.get("max_bandwidth")
             kw["max_bandwidth"] = bw if mb == "link" else (mb if mb is not None else QEMU_MAX_BANDWIDTH)
             out.append(MigrationConfig(**kw))

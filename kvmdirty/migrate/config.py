@@ -3,7 +3,7 @@
 Units: memory in bytes (binary: 24G = 24 GiB); rates in bytes per second
 (decimal: 800 MB/s = 800e6 B/s, 10 Gb/s = 1.25e9 B/s).  A guest write dirties
 one 4 KiB page, so a dirty rate of R B/s is R / 4096 page writes per second,
-split evenly over the vCPUs.  QEMU's defaults: max-bandwidth 128 MiB/s,
+split evenly over the vCPUs (or given per vCPU: ``vcpu_dirty_rates``).  QEMU's defaults: max-bandwidth 128 MiB/s,
 downtime-limit 300 ms, x-clear-bitmap-shift 18, reaper period 1 s,
 auto-converge 20 % / +10 % / 99 %, vcpu-dirty-limit 1 MB/s.
 """
@@ -25,6 +25,7 @@ class MigrationConfig:
     memory: int = 4 << 30
     vcpus: int = 4
     dirty_rate: float = 100e6
+    vcpu_dirty_rates: Tuple[float, ...] = ()   # per-vCPU rates instead (their sum is the dirty rate)
     pattern: str = "uniform"
     trace: Optional[str] = None
     design: str = "bitmap"
@@ -52,6 +53,14 @@ class MigrationConfig:
             raise ValueError(f"memory must be a positive multiple of {PAGE_SIZE} bytes")
         if self.vcpus < 1:
             raise ValueError("vcpus must be >= 1")
+        self.vcpu_dirty_rates = tuple(float(r) for r in self.vcpu_dirty_rates)
+        if self.vcpu_dirty_rates:
+            if len(self.vcpu_dirty_rates) != self.vcpus:
+                raise ValueError(f"vcpu_dirty_rates has {len(self.vcpu_dirty_rates)} rates "
+                                 f"for {self.vcpus} vCPUs")
+            if min(self.vcpu_dirty_rates) < 0:
+                raise ValueError("vcpu_dirty_rates must be >= 0")
+            self.dirty_rate = sum(self.vcpu_dirty_rates)
         if self.dirty_rate < 0:
             raise ValueError("dirty_rate must be >= 0")
         if self.design not in DESIGNS:
@@ -83,4 +92,5 @@ class MigrationConfig:
     def to_json(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["faults"] = list(self.faults)
+        d["vcpu_dirty_rates"] = list(self.vcpu_dirty_rates)
         return d

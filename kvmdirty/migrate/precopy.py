@@ -51,8 +51,8 @@ def build(cfg: MigrationConfig, costs: Costs):
     tracker.attach(mem)
     w = Workload(pattern=cfg.pattern, trace=cfg.trace)
     plans = w.plans(cfg.vcpus, cfg.npages, cfg.seed)
-    per_vcpu = cfg.dirty_rate / PAGE_SIZE / cfg.vcpus
-    guest = Guest(vm, tracker, costs, plans, [per_vcpu] * cfg.vcpus)
+    rates = cfg.vcpu_dirty_rates or [cfg.dirty_rate / cfg.vcpus] * cfg.vcpus
+    guest = Guest(vm, tracker, costs, plans, [r / PAGE_SIZE for r in rates])
     return vm, mem, tracker, guest
 
 
