@@ -77,6 +77,8 @@ def add_migrate_parser(sub) -> Handler:
                    help="QEMU max-bandwidth, or 'link' (default QEMU's 128MiB/s)")
     p.add_argument("--downtime-limit", type=float, help="QEMU downtime-limit in ms (default 300)")
     p.add_argument("--ring-entries", type=_arg(lambda t: parse_list(t, int)), help="dirty ring entries per vCPU (default 4096)")
+    p.add_argument("--pml", action="store_true", default=None,
+                   help="Intel PML: rings keep 512 more entries in reserve (an earlier soft limit)")
     p.add_argument("--reaper-period", type=float, help="ring reaper wake-up period, s (default 1)")
     p.add_argument("--clear-shift", type=int, help="clear-log chunk: 2^N pages (default 18)")
     p.add_argument("--aid", choices=AIDS, help="convergence aid (default none)")
@@ -115,7 +117,7 @@ def _configs(args: argparse.Namespace) -> List[MigrationConfig]:
               "aid": args.aid, "tailslow": args.tailslow, "dirty_limit_mb": args.dirty_limit,
               "max_time": args.max_time, "postcopy_after": args.postcopy_after,
               "postcopy_rtt": args.postcopy_rtt, "max_rounds": args.max_rounds, "quantum": args.quantum,
-              "seed": args.seed}
+              "seed": args.seed, "pml": args.pml}
     base.update({k: v for k, v in simple.items() if v is not None})
     if args.downtime_limit is not None:
         base["downtime_limit"] = args.downtime_limit / 1000.0

@@ -32,6 +32,7 @@ class MigrationConfig:
     ring_entries: int = 4096
     reaper_period: float = 1.0
     clear_shift: int = 18
+    pml: bool = False                    # Intel PML: the ring reserves 512 more entries (soft limit)
     bandwidth: float = 1.25e9            # the link
     max_bandwidth: float = QEMU_MAX_BANDWIDTH
     downtime_limit: float = 0.3

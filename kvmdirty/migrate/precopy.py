@@ -45,7 +45,7 @@ def build(cfg: MigrationConfig, costs: Costs):
     """The VM, its memory, tracker and guest for ``cfg`` (also used by checkpoint.py)."""
     tracker = make_tracker(cfg.design, costs, ring_entries=cfg.ring_entries,
                            reaper_period=cfg.reaper_period, clear_shift=cfg.clear_shift)
-    vm = VM(faults=cfg.faults, **tracker.vm_options())
+    vm = VM(faults=cfg.faults, pml=cfg.pml, **tracker.vm_options())
     tracker.configure(vm)
     mem = GuestMemory(vm, cfg.npages, cfg.slot_pages)
     tracker.attach(mem)
