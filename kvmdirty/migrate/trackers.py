@@ -21,6 +21,7 @@ under the MMU lock, which a vCPU's write fault has to wait for.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -36,7 +37,7 @@ def _popcount(words: np.ndarray) -> int:
     return int(np.bitwise_count(words).sum()) if len(words) else 0
 
 
-class Tracker:
+class Tracker(ABC):
     """Common interface; see the module docstring for each design."""
 
     name = ""
@@ -64,9 +65,9 @@ class Tracker:
         c = self.costs
         return len(self.mem.layout) * c.ioctl + self.mem.npages / GIB_PAGES * c.log_start_per_gib
 
+    @abstractmethod
     def sync(self, mig: MigrationBitmap) -> Tuple[float, float, float]:
         """Harvest into ``mig``; (migration thread seconds, MMU-lock seconds, per-vCPU stall)."""
-        raise NotImplementedError
 
     def before_send(self, gfns: np.ndarray) -> Step:
         """Work due right before sending ``gfns`` (clear-log's lazy clear)."""
