@@ -34,6 +34,7 @@ from .memory import Destination, GuestMemory, MigrationBitmap
 from .results import MigrationResult, RoundRow, TimelinePoint, VerificationError
 from .throttle import AutoConverge, DirtyLimit
 from .trackers import make_tracker
+from .units import fmt_rate
 from .vcpus import Guest
 
 BANDWIDTH_PERIOD = 0.1      # BUFFER_DELAY: QEMU re-measures bandwidth every 100 ms
@@ -208,12 +209,16 @@ class _Precopy:
                     return self._postcopy()
             if self.t >= cfg.max_time - 1e-9:
                 why = (f"did not converge: time limit {cfg.max_time:g} s reached after "
-                       f"{self.rounds} rounds")
+                       f"{self.rounds} rounds" + self._rates())
                 break
             if cfg.max_rounds and self.rounds >= cfg.max_rounds:
-                why = f"did not converge: round limit {cfg.max_rounds} reached"
+                why = f"did not converge: round limit {cfg.max_rounds} reached" + self._rates()
                 break
         return self._complete(converged, why)
+
+    def _rates(self) -> str:
+        return (f"; last dirty rate {fmt_rate(self.final_rate)} (new dirty pages per second "
+                f"between syncs) vs bandwidth {fmt_rate(self.bw)}")
 
     def _dirty_rate(self, new: int) -> float:
         t0, _ = self.last_new
