@@ -217,6 +217,8 @@ class _Precopy:
         return self._complete(converged, why)
 
     def _rates(self) -> str:
+        if not self.rounds:
+            return f" (still in the bulk round at {fmt_rate(self.bw)})"
         return (f"; last dirty rate {fmt_rate(self.final_rate)} (new dirty pages per second "
                 f"between syncs) vs bandwidth {fmt_rate(self.bw)}")
 
