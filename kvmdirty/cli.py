@@ -22,6 +22,9 @@ import sys
 from typing import Callable, Dict, List, NoReturn, Optional
 
 from .bench import add_parser as _add_bench
+from .host.command import add_dirtyrate as add_dirtyrate_parser
+from .host.command import add_record as add_record_parser
+from .migrate.command import add_calibrate_parser, add_migrate_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -203,8 +206,10 @@ COMMANDS = [
     ("compare", _add_compare),
     ("info", _add_info),
     ("bench", _add_bench),
-    ("record", lambda sub: __import__("kvmdirty.host.command", fromlist=["x"]).add_record(sub)),
-    ("dirtyrate", lambda sub: __import__("kvmdirty.host.command", fromlist=["x"]).add_dirtyrate(sub)),
+    ("migrate", add_migrate_parser),
+    ("calibrate", add_calibrate_parser),
+    ("record", add_record_parser),
+    ("dirtyrate", add_dirtyrate_parser),
 ]
 
 
