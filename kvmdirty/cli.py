@@ -18,6 +18,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from .bench import add_parser as _add_bench
+from .sweep.command import add_parser as _add_sweep
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -164,6 +165,7 @@ COMMANDS = [
     ("compare", _add_compare),
     ("info", _add_info),
     ("bench", _add_bench),
+    ("sweep", _add_sweep),
 ]
 
 
