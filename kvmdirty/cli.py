@@ -25,6 +25,7 @@ from .bench import add_parser as _add_bench
 from .host.command import add_dirtyrate as add_dirtyrate_parser
 from .host.command import add_record as add_record_parser
 from .migrate.command import add_calibrate_parser, add_migrate_parser
+from .sweep.command import add_parser as _add_sweep
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -210,6 +211,7 @@ COMMANDS = [
     ("calibrate", add_calibrate_parser),
     ("record", add_record_parser),
     ("dirtyrate", add_dirtyrate_parser),
+    ("sweep", _add_sweep),
 ]
 
 
