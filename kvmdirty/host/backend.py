@@ -24,11 +24,11 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .. import _host, _kvm, _uapi
-from ..api import EXIT_BUDGET, EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit, as_plan
+from .. import _host, _kvm, _mmu, _uapi, validate
+from ..api import EXIT_BUDGET, EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit
 from ..errors import KvmError
-from ..limits import ADDRESS_SPACES, MAX_VCPU_IDS, MAX_VCPUS, MEM_MAX_NR_PAGES, USER_MEM_SLOTS, split_slot, u64
-from ..slotlock import SlotLock
+from ..limits import ADDRESS_SPACES, MAX_VCPU_IDS, MAX_VCPUS, MEM_MAX_NR_PAGES, USER_MEM_SLOTS
+from ..validate import split_slot, u64
 from .tracker import Tracker, require_host
 
 LOG = _uapi.MEM_LOG_DIRTY_PAGES
@@ -52,19 +52,6 @@ class HostSlot:
     @property
     def nwords(self) -> int:
         return (self.npages + 63) >> 6
-
-
-def _values(value, n: int):
-    if value is None:
-        return 0
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return u64(int(value), "value")
-    a = np.asarray(value)
-    if a.ndim != 1 or a.shape[0] != n:
-        raise ValueError(f"value must be an int or a 1-D array of {n} values")
-    if a.size and a.dtype.kind not in "ui":
-        raise TypeError(f"values must be integers, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.uint64)
 
 
 class HostVcpu:
@@ -96,16 +83,11 @@ class HostVcpu:
         """
         self.vm._check_open("KVM_RUN")
         if gfns is not None:
-            plan = as_plan(gfns)
-            vals = _values(value, len(plan))
+            plan = validate.plan(gfns)
+            vals = validate.values(0 if value is None else value, len(plan))
         elif value is not None:
             raise ValueError("value given without gfns")
-        budget = 0
-        if max_writes is not None:
-            if isinstance(max_writes, bool) or not isinstance(max_writes, (int, np.integer)) \
-                    or max_writes < 1:
-                raise ValueError("max_writes must be a positive int")
-            budget = int(max_writes)
+        budget = validate.budget(max_writes)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"vCPU {self.id} is already running in another thread")
         try:
@@ -149,7 +131,10 @@ class HostVM:
         self.slots: Dict[int, HostSlot] = {}
         self.vcpus: Dict[int, HostVcpu] = {}
         self.manual_protect = 0
-        self._slots_lock = SlotLock()
+        # The compiled, interrupt-safe memslot lock lives in an Mmu (its page
+        # tables stay empty here: the host kernel keeps the real ones).
+        self._lock_owner = _mmu.Mmu()
+        self._slots_lock = self._lock_owner.slots_lock
         self._closed = False
         self._table = self._build_table()
 
