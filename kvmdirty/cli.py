@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from typing import Callable, Dict, List, NoReturn, Optional
 
+from . import units
 from .bench import add_parser as _add_bench
 from .host.command import add_dirtyrate as add_dirtyrate_parser
 from .host.command import add_record as add_record_parser
@@ -28,9 +28,6 @@ from .migrate.command import add_calibrate_parser, add_migrate_parser
 from .sweep.command import add_parser as _add_sweep
 
 Handler = Callable[[argparse.Namespace], int]
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``kvmdirty compare: error: ...`` and exit 2."""
@@ -44,12 +41,11 @@ def _one_line(text: object) -> str:
 
 
 def parse_size(text: str) -> int:
-    """'4G', '512MiB', '1.5g', '65536' (bytes) -> bytes; binary units."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4G, 512M)")
-    mult = 1 << (10 * "_kmgt".index(m.group(2).lower() or "_")) if m.group(2) else 1
-    return int(float(m.group(1)) * mult)
+    """'4G', '512MiB', '1.5g', '65536' (bytes) -> bytes; binary units (kvmdirty.units)."""
+    try:
+        return units.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_at_least(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:

@@ -10,7 +10,7 @@ import pytest
 
 import kvmdirty as _pkg
 from kvmdirty.migrate import COST_DOC, Costs
-from kvmdirty.migrate.units import parse_rate, parse_size
+from kvmdirty.units import parse_rate, parse_size
 
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(_pkg.__file__)))
 SMALL = ["--memory", "64M", "--dirty-rate", "40M", "--bandwidth", "400M", "--max-bandwidth", "link",

@@ -25,7 +25,7 @@ from .costs import Costs, resolve
 from .memory import Destination, MigrationBitmap
 from .precopy import build
 from .results import CheckpointResult, VerificationError
-from .units import fmt_bytes, fmt_rate, fmt_time
+from ..units import fmt_bytes, fmt_rate, fmt_time
 
 
 @dataclass

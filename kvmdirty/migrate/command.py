@@ -21,7 +21,7 @@ from .config import AIDS, QEMU_MAX_BANDWIDTH, MigrationConfig
 from .costs import COST_DOC, Costs, resolve
 from .scenarios import SCENARIOS
 from .trackers import DESIGNS
-from .units import fmt_bytes, fmt_rate, fmt_time, parse_list, parse_rate, parse_size
+from ..units import fmt_bytes, fmt_rate, fmt_time, parse_list, parse_rate, parse_size
 
 Handler = Callable[[argparse.Namespace], int]
 

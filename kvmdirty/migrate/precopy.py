@@ -34,7 +34,7 @@ from .memory import Destination, GuestMemory, MigrationBitmap
 from .results import MigrationResult, RoundRow, TimelinePoint, VerificationError
 from .throttle import AutoConverge, DirtyLimit
 from .trackers import make_tracker
-from .units import fmt_rate
+from ..units import fmt_rate
 from .vcpus import Guest
 
 BANDWIDTH_PERIOD = 0.1      # BUFFER_DELAY: QEMU re-measures bandwidth every 100 ms

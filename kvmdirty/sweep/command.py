@@ -90,12 +90,16 @@ def _summary_inputs(args: argparse.Namespace, results: str, spec: Optional[Spec]
     if not args.constraint:
         constraints = list(spec.constraints) if spec else \
             [Constraint.parse(c) for c in saved.get("constraints") or []]
-    return rows, axes, objective, constraints
+    return rows, axes, objective, constraints, (command(cmd).show if cmd else _plain)
+
+
+def _plain(name: str, value: Any) -> str:
+    return "n/a" if value is None else str(value)
 
 
 def _report(args: argparse.Namespace, results: str, spec: Optional[Spec]) -> None:
     from .summary import plot, summarize
-    rows, axes, objective, constraints = _summary_inputs(args, results, spec)
+    rows, axes, objective, constraints, show = _summary_inputs(args, results, spec)
     summary = summarize(rows, axes, objective, constraints)
     plot_path = args.plot
     if plot_path is None:
@@ -105,7 +109,7 @@ def _report(args: argparse.Namespace, results: str, spec: Optional[Spec]) -> Non
         except ImportError:
             plot_path = None
     if plot_path and summary.feasible:
-        plot(rows, summary, plot_path)
+        plot(rows, summary, plot_path, show)
     if args.json:
         import dataclasses
         doc = dataclasses.asdict(summary)
@@ -113,10 +117,10 @@ def _report(args: argparse.Namespace, results: str, spec: Optional[Spec]) -> Non
         json.dump(doc, sys.stdout, indent=2, default=str, allow_nan=False)
         sys.stdout.write("\n")
         return
-    _print_summary(summary, plot_path)
+    _print_summary(summary, plot_path, show)
 
 
-def _print_summary(summary, plot_path: Optional[str]) -> None:
+def _print_summary(summary, plot_path: Optional[str], show) -> None:
     from rich.console import Console
     from rich.table import Table
     con = Console()
@@ -127,23 +131,19 @@ def _print_summary(summary, plot_path: Optional[str]) -> None:
               f"{summary.feasible} feasible; best = {goal}")
     t = Table("axis", "value", summary.objective, "feasible", "best setting")
     for b in summary.per_value:
-        t.add_row(b.axis, _show(b.value), "-" if b.objective is None else f"{b.objective:.6g}",
-                  f"{b.feasible}/{b.total}", _setting(b.setting, skip=b.axis))
+        t.add_row(b.axis, show(b.axis, b.value), "-" if b.objective is None else f"{b.objective:.6g}",
+                  f"{b.feasible}/{b.total}", _setting(b.setting, show, skip=b.axis))
     con.print(t)
     if summary.overall and summary.overall.objective is not None:
-        con.print(f"overall best: {_setting(summary.overall.setting)}  "
+        con.print(f"overall best: {_setting(summary.overall.setting, show)}  "
                   f"({summary.objective} = {summary.overall.objective:.6g})")
     if plot_path and summary.feasible:
         con.print(f"plot: {plot_path}")
 
 
-def _show(value: Any) -> str:
-    # An option the cell's design does not use (a ring size under bitmap) is dropped.
-    return "n/a" if value is None else str(value)
-
-
-def _setting(setting: Dict[str, Any], skip: str = "") -> str:
-    return ", ".join(f"{k}={_show(v)}" for k, v in setting.items() if k != skip) or "-"
+def _setting(setting: Dict[str, Any], show, skip: str = "") -> str:
+    # An option a cell's design does not use (a ring size under bitmap) shows as n/a.
+    return ", ".join(f"{k}={show(k, v)}" for k, v in setting.items() if k != skip) or "-"
 
 
 def _run(args: argparse.Namespace) -> int:

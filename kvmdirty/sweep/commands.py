@@ -10,9 +10,9 @@ design), so cells that would run the same thing are one cell.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Mapping
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
 
-from ..units import parse_size
+from ..units import parse_rate, parse_size
 
 
 def _int(name: str, v: Any, lo: int = 1) -> int:
@@ -36,6 +36,19 @@ def _float(name: str, v: Any, lo: float = 0.0, *, open_lo: bool = True) -> float
     return v
 
 
+def _rate(name: str, v: Any) -> float:
+    # Rates as the command line writes them: "800M" = 800 MB/s, "10Gb/s" = 1.25 GB/s.
+    if isinstance(v, str):
+        v = parse_rate(v)
+    return _float(name, v, open_lo=False)
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+    return v
+
+
 def _choice(name: str, v: Any, choices: Iterable[str]) -> str:
     choices = list(choices)
     if v not in choices:
@@ -51,6 +64,22 @@ class Command:
     objective = ""
     #: option -> converter(name, value) -> value
     options: Dict[str, Callable[[str, Any], Any]] = {}
+
+    #: options held in bytes / bytes per second, shown as sizes / rates
+    sizes: Tuple[str, ...] = ("memory",)
+    rates: Tuple[str, ...] = ()
+
+    def show(self, name: str, value: Any) -> str:
+        """A value as people read it: 2 GiB, 1.25 GB/s; 'n/a' for an option the cell does not use."""
+        from ..units import fmt_bytes, fmt_rate
+        if value is None:
+            return "n/a"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if name in self.sizes:
+                return fmt_bytes(value)
+            if name in self.rates:
+                return fmt_rate(value)
+        return str(value)
 
     def check_options(self, names: Iterable[str]) -> None:
         bad = sorted(set(names) - set(self.options))
@@ -138,7 +167,109 @@ class CompareCommand(Command):
         return result
 
 
-_REGISTRY: Dict[str, Callable[[], Command]] = {"compare": CompareCommand}
+class MigrateCommand(Command):
+    """One run of ``kvmdirty migrate`` (``mode = "migrate"``) or of its checkpoint mode."""
+
+    name = "migrate"
+    objective = "total_time_s"
+    rates = ("dirty_rate", "bandwidth", "max_bandwidth")
+
+    def __init__(self) -> None:
+        from ..migrate import AIDS, DESIGNS
+        from ..workloads import PATTERNS
+        self.options = {
+            "mode": lambda n, v: _choice(n, v, ("migrate", "checkpoint")),
+            "design": lambda n, v: _choice(n, v, DESIGNS),
+            "memory": _int,
+            "vcpus": _int,
+            "dirty_rate": _rate,
+            "pattern": lambda n, v: _choice(n, v, PATTERNS),
+            "trace": lambda n, v: str(v),
+            "ring_entries": _int,
+            "reaper_period": lambda n, v: _float(n, v),
+            "clear_shift": lambda n, v: _int(n, v, 0),
+            "pml": _bool,
+            "bandwidth": _rate,
+            "max_bandwidth": lambda n, v: "link" if v == "link" else _rate(n, v),
+            "downtime_limit": lambda n, v: _float(n, v),          # ms, as on the command line
+            "aid": lambda n, v: _choice(n, v, AIDS),
+            "tailslow": _bool,
+            "dirty_limit": lambda n, v: _float(n, v),             # MB/s per vCPU
+            "postcopy_after": lambda n, v: _int(n, v, 0),
+            "postcopy_rtt": lambda n, v: _float(n, v, open_lo=False),
+            "max_time": lambda n, v: _float(n, v),
+            "max_rounds": lambda n, v: _int(n, v, 0),
+            "costs": lambda n, v: str(v),
+            "epoch": lambda n, v: _float(n, v),
+            "epoch_pages": _int,
+            "checkpoints": _int,
+        }
+
+    def normalize(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        out = super().normalize(options)
+        design = out.get("design", "bitmap")
+        if "ring" not in design:                  # ring, indexed-ring, shared-ring keep a size
+            out.pop("ring_entries", None)
+        if design != "ring":
+            out.pop("reaper_period", None)
+        if design != "clear-log":
+            out.pop("clear_shift", None)
+        if out.get("aid", "none") != "auto-converge":
+            out.pop("tailslow", None)
+        if out.get("aid", "none") != "dirty-limit":
+            out.pop("dirty_limit", None)
+        if not out.get("postcopy_after"):
+            out.pop("postcopy_rtt", None)
+        if out.get("mode", "migrate") != "checkpoint":
+            for k in ("epoch", "epoch_pages", "checkpoints"):
+                out.pop(k, None)
+        if "trace" in out:
+            out["pattern"] = "trace"
+        return out
+
+    def config(self, options: Mapping[str, Any], seed: int):
+        from ..migrate import QEMU_MAX_BANDWIDTH, MigrationConfig
+        o = dict(options)
+        for k in ("mode", "costs", "epoch", "epoch_pages", "checkpoints"):
+            o.pop(k, None)
+        if "downtime_limit" in o:
+            o["downtime_limit"] = o["downtime_limit"] / 1e3
+        if "dirty_limit" in o:
+            o["dirty_limit_mb"] = o.pop("dirty_limit")
+        mb = o.pop("max_bandwidth", QEMU_MAX_BANDWIDTH)
+        cfg = MigrationConfig(seed=seed, **o)
+        cfg.max_bandwidth = cfg.bandwidth if mb == "link" else mb
+        return cfg
+
+    def run(self, options: Mapping[str, Any], seed: int) -> Dict[str, Any]:
+        cfg = self.config(options, seed)
+        costs = options.get("costs")
+        if options.get("mode", "migrate") == "checkpoint":
+            from ..migrate.checkpoint import CheckpointConfig, run_checkpoints
+            r = run_checkpoints(CheckpointConfig.from_migration(
+                cfg, epoch=options.get("epoch"), epoch_pages=options.get("epoch_pages"),
+                checkpoints=options.get("checkpoints", 50)), costs)
+            return {"verified": r.verified, "checkpoints": r.checkpoints,
+                    "pause_p50_s": r.percentile(50), "pause_p99_s": r.percentile(99),
+                    "pause_max_s": max(r.pauses, default=0.0),
+                    "pages_per_checkpoint": sum(r.pages) / max(1, len(r.pages)),
+                    "slowdown": r.slowdown, "total_time_s": r.total_time,
+                    "mismatched_pages": len(r.mismatched_gfns), "sim_wall_s": r.wall_time}
+        from ..migrate import run
+        r = run(cfg, costs)
+        n = max(1, len(r.vcpus))
+        return {"verified": r.verified, "converged": r.converged, "why": r.why,
+                "total_time_s": r.total_time, "downtime_s": r.downtime, "bytes_sent": r.bytes_sent,
+                "sent_ratio": r.sent_ratio, "rounds": r.rounds, "progress": r.progress,
+                "stall_s_per_vcpu": sum(v.stall_time for v in r.vcpus) / n,
+                "throttle_s_per_vcpu": sum(v.throttle_time for v in r.vcpus) / n,
+                "ring_full_exits": sum(v.ring_full_exits for v in r.vcpus),
+                "postcopy_faults": r.postcopy_faults, "postcopy_stall_s": r.postcopy_stall,
+                "final_dirty_rate": r.final_dirty_rate, "mismatched_pages": len(r.mismatched_gfns),
+                "sim_wall_s": r.wall_time}
+
+
+_REGISTRY: Dict[str, Callable[[], Command]] = {"compare": CompareCommand, "migrate": MigrateCommand}
 
 
 def command(name: str) -> Command:

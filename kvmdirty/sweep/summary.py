@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .spec import Constraint
 
@@ -92,8 +92,11 @@ def summarize(rows: Sequence[Row], axes: Sequence[str], objective: str,
                    per_value=per_value, importance=importance)
 
 
-def plot(rows: Sequence[Row], summary: Summary, path: str) -> None:
-    """The objective over the two most important axes, one panel per design."""
+def plot(rows: Sequence[Row], summary: Summary, path: str,
+         show: Callable[[str, Any], str] = lambda name, v: str(v)) -> None:
+    """The objective over the two most important axes, one panel per design.
+
+    ``show(axis, value)`` labels the ticks (e.g. the command's units)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -124,20 +127,27 @@ def plot(rows: Sequence[Row], summary: Summary, path: str) -> None:
                 v = _metric(r, metric)
                 grid[i][j] = v if math.isnan(grid[i][j]) else better(grid[i][j], v)
             im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r" if not summary.maximise else "viridis")
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-            ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+            ax.set_xticks(range(len(xs)), [show(others[0], x) for x in xs])
+            ax.set_yticks(range(len(ys)), [show(others[1], y) for y in ys])
             ax.set_xlabel(others[0])
             ax.set_ylabel(others[1])
+            lo, hi = im.get_clim()
             for i in range(len(ys)):
                 for j in range(len(xs)):
-                    if not math.isnan(grid[i][j]):
-                        ax.text(j, i, f"{grid[i][j]:.3g}", ha="center", va="center", fontsize=7, color="w")
+                    v = grid[i][j]
+                    if not math.isnan(v):
+                        # Dark text on the light end of the colour map, light on the dark end.
+                        light = (v - lo) / (hi - lo) < 0.5 if hi > lo else True
+                        if summary.maximise:
+                            light = not light
+                        ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8,
+                                color="black" if light else "white")
             fig.colorbar(im, ax=ax, label=metric)
         elif len(others) == 1:
             xs = sorted({r.get(others[0]) for r in sel}, key=_sortable)
             vals = [better(_metric(r, metric) for r in sel if r.get(others[0]) == x) for x in xs]
             ax.plot(range(len(xs)), vals, marker="o")
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_xticks(range(len(xs)), [show(others[0], x) for x in xs])
             ax.set_xlabel(others[0])
             ax.set_ylabel(metric)
         else:
