@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import textwrap
 import threading
-from array import array
 
 import numpy as np
 import pytest
 
 from kvmdirty import _bitmap
-from kvmdirty._ring import ENTRY_DTYPE, DirtyRing, collect
+from kvmdirty._ring import DirtyRing, collect
+import child
 from ring_model import make_mmu
 
 SANITIZER = bool(os.environ.get("KVMDIRTY_SANITIZER_RUN"))
@@ -32,11 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_py(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run code in a fresh interpreter using this checkout's kvmdirty."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run code in a fresh interpreter using the kvmdirty under test."""
+    return child.python(code, timeout=timeout)
 
 
 def _pattern(nwords: int, seed: int = 1) -> np.ndarray:

@@ -15,8 +15,9 @@ import pytest
 
 from kvmdirty import _seeds, _uapi
 from kvmdirty.errors import KvmError
-from kvmdirty.seeds import create_design
 from kvmdirty.vm import VM
+
+import child
 
 LOG = _uapi.MEM_LOG_DIRTY_PAGES
 BASE_GFN = 0x100
@@ -770,12 +771,10 @@ print("ok", errors)
 def test_seed_paths_under_rlimit_as():
     """Address space exhausted: every seed call fails cleanly (MemoryError) and nothing is lost."""
     import os
-    import subprocess
     resource = pytest.importorskip("resource")
     if "asan" in os.environ.get("LD_PRELOAD", ""):
         pytest.skip("RLIMIT_AS cannot be used under AddressSanitizer (it reserves terabytes)")
-    out = subprocess.run([sys.executable, "-c", _RLIMIT_SCRIPT], capture_output=True, text=True,
-                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = child.python(_RLIMIT_SCRIPT)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
     assert int(out.stdout.split()[1]) >= 1
 

@@ -9,7 +9,6 @@ import errno
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 from array import array
 
@@ -20,18 +19,16 @@ import kvmdirty
 from kvmdirty import KvmError, _mmu, _uapi
 from kvmdirty.vm import MEM_LOG_DIRTY_PAGES as LOG
 
+import child
+
 MiB = 1 << 20
 RING = _uapi.CAP_DIRTY_LOG_RING_ACQ_REL
 
 
 def run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter using this kvmdirty; fail (not hang) on timeout."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(kvmdirty.__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return child.python(code, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"hung for {timeout} s; output so far: {e.stdout!r} {e.stderr!r}")
 

@@ -2,13 +2,11 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-import kvmdirty as _pkg
+import child
 from kvmdirty.sweep import (Constraint, LocalExecutor, ResultStore, Spec, expand, load, read_rows,
                             run_sweep, summarize)
 from kvmdirty.sweep.spec import axis_values, from_mapping
@@ -194,14 +192,8 @@ def test_summary_names_the_best_setting_per_axis_value():
 
 
 # -- the command line -----------------------------------------------------------------
-# The kvmdirty under test: site-packages once installed, the checkout when built in place.
-ENV = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(_pkg.__file__)))
-           + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "kvmdirty", "sweep", *args], env=ENV,
-                          capture_output=True, text=True, timeout=240, **kw)
+    return child.run(["-m", "kvmdirty", "sweep", *args], timeout=240, **kw)
 
 
 def test_cli_runs_summarizes_and_writes_the_plot(tmp_path):
@@ -228,7 +220,7 @@ def test_cli_runs_summarizes_and_writes_the_plot(tmp_path):
     (("no-such-spec.toml",), "cannot read spec"),
 ])
 def test_cli_bad_usage_is_one_line_and_exit_2(tmp_path, args, message):
-    r = _cli(*args, cwd=str(tmp_path))
+    r = _cli(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -238,9 +230,7 @@ def test_cli_ctrl_c_then_resume_runs_only_the_missing_cells(tmp_path):
     sets = [a for k, v in dict(FIXED, writes=400_000, memory="64M").items() for a in ("--set", f"{k}={v}")]
     args = ["--command", "compare", *sets, "--axis", "design=bitmap,clear-log,ring",
             "--axis", "vcpus=1,2,3", "--workers", "1", "--out", str(out), "--json"]
-    p = subprocess.Popen([sys.executable, "-m", "kvmdirty", "sweep", *args], env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p = child.popen(["-m", "kvmdirty", "sweep", *args], start_new_session=True)
     record = out / "results.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not record.exists() or not record.read_text().strip()):
@@ -295,6 +285,6 @@ def test_migrate_checkpoint_cells(tmp_path):
 
 
 def test_the_fleet_example_expands(tmp_path):
-    spec = load(os.path.join(os.path.dirname(__file__), os.pardir, "examples", "fleet.toml"))
+    spec = load(os.path.join(child.ROOT, "examples", "fleet.toml"))
     cells = expand(spec)
     assert spec.command == "migrate" and len(cells) == 20

@@ -68,17 +68,13 @@ def test_unreachable_scheduler_is_a_clear_error():
 
 def test_fleet_example_on_a_local_dask_cluster(tmp_path):
     """The README's command: the fleet grid on a LocalCluster, then a resume that runs nothing."""
-    import subprocess
-    import sys
-    import kvmdirty
-    root = os.path.dirname(os.path.dirname(os.path.abspath(kvmdirty.__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "fleet.toml")
-    args = [sys.executable, "-m", "kvmdirty", "sweep", example, "--scheduler", "local",
+    import child
+    example = os.path.join(child.ROOT, "examples", "fleet.toml")
+    args = ["-m", "kvmdirty", "sweep", example, "--scheduler", "local",
             "--workers", "2", "--out", str(tmp_path / "fleet")]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    r = child.run(args, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "20 cells (0 already done, 20 run now on Dask LocalCluster" in r.stdout
     assert (tmp_path / "fleet" / "summary.png").exists()
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    again = child.run(args, timeout=600)
     assert again.returncode == 0 and "resuming: 20 of 20" in again.stderr
