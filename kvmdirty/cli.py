@@ -100,7 +100,8 @@ def _add_compare(sub) -> Handler:
     g.add_argument("--memory", type=parse_size, default=4 << 30, help="guest memory (default 4G)")
     g.add_argument("--vcpus", type=_positive_int, default=4, help="vCPUs (default 4)")
     g.add_argument("--slots", type=_positive_int, default=1, help="memslots memory is split into (default 1)")
-    g.add_argument("--pattern", choices=PATTERNS, default="uniform", help="write pattern (default uniform)")
+    g.add_argument("--pattern", choices=PATTERNS, default=None,
+                   help="write pattern (default uniform; trace when --trace is given)")
     g.add_argument("--hot-fraction", type=_float_in(0, 1, lo_open=True), default=d.hot_fraction,
                    help=f"hotcold: fraction of memory that is hot (default {d.hot_fraction})")
     g.add_argument("--hot-share", type=_float_in(0, 1), default=d.hot_share,
@@ -108,7 +109,13 @@ def _add_compare(sub) -> Handler:
     g.add_argument("--stride", type=_positive_int, default=d.stride,
                    help=f"strided: pages between writes (default {d.stride})")
     g.add_argument("--zipf-s", type=_float_in(0, 1000, lo_open=True), default=d.zipf_s, help=f"zipf: exponent (default {d.zipf_s})")
-    g.add_argument("--trace", help="trace: file of gfns (.npy or text; see kvmdirty.workloads)")
+    g.add_argument("--trace", help="trace: a timed trace (kvmdirty record's .npz, or .csv t_ns,gfn[,vcpu]), "
+                                   "replayed at its pace; or a bare list of RAM pages (.npy or text)")
+    g.add_argument("--speed", type=_float_in(0, 1e6, lo_open=True), default=None,
+                   help="timed trace: replay at its recorded pace times this (default 1)")
+    g.add_argument("--trace-end", choices=("loop", "stop"), default=None,
+                   help="timed trace shorter than --duration: loop it, or stop at its end "
+                        "(required then)")
     amount = g.add_mutually_exclusive_group()
     amount.add_argument("--writes", type=_positive_int, default=None,
                         help="writes per vCPU (default 2000000; 20000 with --backend kvm)")
@@ -150,6 +157,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import compare, format_table, to_json_text
     from .progress import Progress
     from .runner import RunSpec
+    from .trace import is_timed
     from .workloads import Workload
 
     if args.list_designs:
@@ -167,16 +175,24 @@ def _compare(args: argparse.Namespace) -> int:
     elif args.backend == "kvm":
         designs = [d for d in all_designs() if d in BASE_DESIGNS]
     rounds = args.rounds or (8 if args.check in ("selftest", "both") else 1)
+    pattern = args.pattern or ("trace" if args.trace else "uniform")
+    speed = args.speed
+    if args.trace and speed is None and is_timed(args.trace):
+        speed = 1.0                       # a recorded trace replays at its own pace
+    if speed is not None and not (args.trace and is_timed(args.trace)):
+        raise ValueError("--speed replays a timed trace (.npz / .csv): give it with --trace")
+    if args.trace_end and speed is None:
+        raise ValueError("--trace-end applies to a timed trace replayed at its pace")
     spec = RunSpec(
         memory=args.memory, slots=args.slots, vcpus=args.vcpus,
-        workload=Workload(args.pattern, hot_fraction=args.hot_fraction, hot_share=args.hot_share,
+        workload=Workload(pattern, hot_fraction=args.hot_fraction, hot_share=args.hot_share,
                           stride=args.stride, zipf_s=args.zipf_s, trace=args.trace),
         writes=args.writes or (20_000 if args.backend == "kvm" else 2_000_000),
         duration=args.duration,
         rate=args.rate or (4096 if args.mode == "threads" else 1024),
         mode=args.mode, period=args.period, interval=args.interval / 1e3,
         ring_entries=args.ring_entries, rounds=rounds, check=args.check,
-        seed=args.seed, backend=args.backend)
+        seed=args.seed, backend=args.backend, trace_speed=speed, trace_end=args.trace_end)
     with Progress(len(designs or all_designs()), enabled=None if not args.json else False) as bar:
         results = compare(spec, designs, progress=bar)
     if args.json:

@@ -81,7 +81,11 @@ def _cell(r: RunResult, key: str) -> str:
 def describe(spec: RunSpec) -> str:
     size = spec.memory
     mem = f"{size / (1 << 30):g} GiB" if size >= 1 << 30 else f"{size / (1 << 20):g} MiB"
-    amount = f"{spec.duration:g} s" if spec.duration is not None else f"{spec.writes:,} writes/vCPU"
+    if spec.trace_speed is not None:
+        amount = f"at {spec.trace_speed:g}x its recorded pace" + \
+            (f" for {spec.duration:g} s ({spec.trace_end})" if spec.duration is not None else "")
+    else:
+        amount = f"{spec.duration:g} s" if spec.duration is not None else f"{spec.writes:,} writes/vCPU"
     return (f"{mem} guest, {spec.vcpus} vCPUs, {spec.workload.describe()} writes, {amount}, "
             f"ring {spec.ring_entries} entries, {spec.mode}, seed {spec.seed}, backend {spec.backend}")
 
@@ -99,6 +103,9 @@ def format_table(results: Sequence[RunResult], spec: Optional[RunSpec] = None) -
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     for r in results:
+        if r.trace_ended is not None:
+            lines.append(f"  {r.design}: trace replay {r.trace_ended}; vCPUs at worst "
+                         f"{(r.trace_late_s or 0.0) * 1e3:.1f} ms behind it")
         for p in r.problems:
             lines.append(f"! {r.design}: {p}")
         for x in r.lost[:5]:

@@ -39,6 +39,8 @@ import numpy as np
 
 from .api import EXIT_BUDGET, EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL, EXIT_HLT, PAGE_SIZE
 from .collectors import Collector, make_collector
+from .replay import TimedReplay
+from .trace import load as load_trace_file
 from .verify import Check, FinalValues, SelftestCheck, ShadowCopy
 from .workloads import Workload, rates
 
@@ -75,6 +77,8 @@ class RunSpec:
     log_every_write: bool = False
     cpus: Optional[Tuple[int, ...]] = None     # threads: pin every thread of the run to these CPUs
     vcpu_nice: int = 0                         # threads: niceness added to vCPU threads
+    trace_speed: Optional[float] = None        # threads: replay a timed trace at its pace x this
+    trace_end: Optional[str] = None            # ... a run longer than it: "loop" or "stop"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -109,6 +113,18 @@ class RunSpec:
             raise ValueError(f"backend must be 'sim' or 'kvm', got {self.backend!r}")
         if self.backend == "kvm" and (self.faults or self.ring_knobs or self.log_every_write):
             raise ValueError("fault injection and log_every_write need the simulator")
+        if self.trace_speed is not None:
+            if self.workload.pattern != "trace":
+                raise ValueError("trace_speed replays a timed trace: give the trace file")
+            if not (math.isfinite(self.trace_speed) and self.trace_speed > 0):
+                raise ValueError(f"trace_speed must be finite and > 0, got {self.trace_speed}")
+            if self.mode != "threads":
+                raise ValueError("a trace replayed at its pace needs threads (real time)")
+        if self.trace_end is not None:
+            if self.trace_speed is None:
+                raise ValueError("trace_end applies to a trace replayed at its pace (trace_speed)")
+            if self.trace_end not in ("loop", "stop"):
+                raise ValueError(f"trace_end must be 'loop' or 'stop', got {self.trace_end!r}")
         rates(self.rate, self.vcpus)
 
 
@@ -139,6 +155,8 @@ class RunResult:
     lost: List[str]
     problems: List[str]
     bad_rounds: List[int]              # rounds in which a check found something
+    trace_ended: Optional[str] = None  # timed trace: how the replay ended (looped, stopped, ...)
+    trace_late_s: Optional[float] = None  # timed trace: worst lateness of a vCPU behind the trace
 
     @property
     def ok(self) -> bool:
@@ -255,6 +273,18 @@ class Runner:
     # -- setup ------------------------------------------------------------
     def _setup(self) -> None:
         spec = self.spec
+        self.timed: Optional[TimedReplay] = None
+        if spec.trace_speed is not None:
+            self.timed = TimedReplay(load_trace_file(spec.workload.trace), spec.vcpus, spec.trace_speed,
+                                     spec.duration, spec.trace_end)
+            if self.timed.npages > spec.memory // PAGE_SIZE:
+                raise ValueError(f"the trace writes RAM page {self.timed.npages - 1}: the guest needs "
+                                 f"at least {self.timed.npages * PAGE_SIZE} bytes of memory")
+            # Progress counts the events the replay will ask for.
+            passes = self.timed.run_s / self.timed.length
+            if spec.trace_end != "loop":
+                passes = min(1.0, passes)
+            self.quota = [max(1, int(len(g) * passes)) for _, g in self.timed.shares]
         self.collector = make_collector(spec.design, spec.ring_entries)
         self.vm = _open_vm(spec, self.collector)
         from .vm import MEM_LOG_DIRTY_PAGES
@@ -271,7 +301,8 @@ class Runner:
         self.collector.attach(self.vm, self.slots, self.vcpus)
         self.budgets = "max_writes" in inspect.signature(self.vcpus[0].run).parameters
         self.per_write_values = spec.backend == "sim"
-        self.plans = spec.workload.plans(spec.vcpus, spec.memory // PAGE_SIZE, spec.seed)
+        if self.timed is None:
+            self.plans = spec.workload.plans(spec.vcpus, spec.memory // PAGE_SIZE, spec.seed)
         self.checks: List[Check] = []
         if spec.check in ("shadow", "both"):
             self.checks.append(ShadowCopy(self.vm, self.slots))
@@ -347,6 +378,15 @@ class Runner:
             raise RuntimeError(f"vCPU {i} exited with {ex.name} ({ex.remaining} writes left)")
 
     # -- threads ------------------------------------------------------------
+    def _timed_writes(self, i: int, rnd: int, stop: threading.Event) -> None:
+        """vCPU i's share of the timed trace in this round's replay window, each write when due."""
+        assert self.timed is not None
+        n = self.spec.rounds
+        lo, hi = (rnd - 1) * self.timed.run_s / n, rnd * self.timed.run_s / n
+        mem = self.spec.memory
+        self.timed.writes(i, lo, hi, stop,
+                          lambda g: self._run_vcpu(i, ram_gfns(g, mem), self._values(i, len(g), rnd)))
+
     def _vcpu_thread(self, i: int, quota: int, rnd: int, stop: threading.Event,
                      finished: Callable[[], None]) -> None:
         try:
@@ -355,7 +395,9 @@ class Runner:
             if self.spec.vcpu_nice:
                 # Only this thread: the harvester keeps its cadence on a busy host.
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.spec.vcpu_nice)
-            while quota > 0 and not stop.is_set():
+            if self.timed is not None:
+                self._timed_writes(i, rnd, stop)
+            while self.timed is None and quota > 0 and not stop.is_set():
                 n = min(self.rates[i], quota)
                 self._run_vcpu(i, *self._chunk(i, n, rnd))
                 quota -= n
@@ -503,7 +545,9 @@ class Runner:
             violations=selftest.count if selftest else None,
             unwritten_pages=final.count if final else None,
             lost=lost, problems=problems,
-            bad_rounds=sorted({r for c in self.checks for r in c.bad_rounds}))
+            bad_rounds=sorted({r for c in self.checks for r in c.bad_rounds}),
+            trace_ended=self.timed.ended if self.timed else None,
+            trace_late_s=max(self.timed.late_s) if self.timed else None)
 
 
 def run(spec: RunSpec, on_progress: Optional[Callable[[float], None]] = None) -> RunResult:

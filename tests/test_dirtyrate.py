@@ -6,7 +6,7 @@ import pytest
 
 from kvmdirty.host.dirtyrate import (estimate, qemu_rate, ring_entries_pushed, sample_count,
                                      sampling_estimate, sampling_expectation, format_table)
-from kvmdirty.host.trace import Trace
+from kvmdirty.trace import Trace
 
 GIB = 1 << 30
 PAGES_1G = GIB // 4096

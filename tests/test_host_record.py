@@ -9,7 +9,7 @@ from host_util import requires_host
 from kvmdirty import _host, _kvm
 from kvmdirty.cli import main
 from kvmdirty.host import record as rec
-from kvmdirty.host.trace import load
+from kvmdirty.trace import load
 from kvmdirty.host.workloads_real import BUILTINS, make, python_workload
 
 PAGE = 4096

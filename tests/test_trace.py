@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from kvmdirty.host.trace import Trace, load, replay, schedule
+from kvmdirty.trace import Trace, load, replay, schedule
 
 
 def small() -> Trace:

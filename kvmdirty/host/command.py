@@ -101,7 +101,7 @@ def add_dirtyrate(sub) -> Handler:
 def _dirtyrate(args: argparse.Namespace) -> int:
     from ..cli import parse_size
     from .dirtyrate import estimate, format_table
-    from .trace import load
+    from ..trace import load
     memory = parse_size(args.memory) if args.memory else None
     trace = load(args.trace, unit=args.trace_unit, memory_bytes=memory)
     rows = estimate(trace, args.periods, sample_pages_per_gib=args.sample_pages,

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..limits import DIRTY_RING_RSVD_ENTRIES
-from .trace import PAGE_SIZE, Trace
+from ..trace import PAGE_SIZE, Trace
 
 #: QEMU's DIRTYRATE_DEFAULT_SAMPLE_PAGES, MIN/MAX_SAMPLE_PAGE_COUNT, MIN_RAMBLOCK_SIZE (KiB).
 DEFAULT_SAMPLE_PAGES = 512

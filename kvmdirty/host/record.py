@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import _host
-from .trace import PAGE_SIZE, Trace
+from ..trace import PAGE_SIZE, Trace
 from .tracker import open_uffd, require_host
 
 #: The recorder's harvest: report written pages of async-WP mappings, re-protect them.

@@ -23,7 +23,7 @@ from ..api import PAGE_SIZE
 from .config import MigrationConfig
 from .costs import Costs, resolve
 from .memory import Destination, MigrationBitmap
-from .precopy import build
+from .precopy import build, note_trace
 from .results import CheckpointResult, VerificationError
 from ..units import fmt_bytes, fmt_rate, fmt_time
 
@@ -71,6 +71,7 @@ def run_checkpoints(cc: CheckpointConfig, costs: Union[Costs, str, None] = None,
     finally:
         vm.close()
     res.wall_time = time.perf_counter() - wall
+    note_trace(res, guest)
     if check and not res.verified:
         raise VerificationError(res.mismatched_gfns, len(res.mismatched_gfns))
     return res

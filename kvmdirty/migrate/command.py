@@ -21,6 +21,7 @@ from .config import AIDS, QEMU_MAX_BANDWIDTH, MigrationConfig
 from .costs import COST_DOC, Costs, resolve
 from .scenarios import SCENARIOS
 from .trackers import DESIGNS
+from ..trace import is_timed
 from ..units import fmt_bytes, fmt_rate, fmt_time, parse_list, parse_rate, parse_size
 
 Handler = Callable[[argparse.Namespace], int]
@@ -70,7 +71,14 @@ def add_migrate_parser(sub) -> Handler:
     p.add_argument("--vcpu-dirty-rates", type=_arg(lambda t: parse_list(t, parse_rate)),
                    help="one rate per vCPU instead (sets --vcpus and the dirty rate)")
     p.add_argument("--pattern", help="write pattern of kvmdirty.workloads (default uniform)")
-    p.add_argument("--trace", help="trace file for --pattern trace")
+    p.add_argument("--trace", help="trace file for --pattern trace: its pages, replayed at --dirty-rate; "
+                                   "with --speed, a timed trace (kvmdirty record, .npz / .csv) at its own pace")
+    p.add_argument("--speed", type=float, default=None,
+                   help="replay --trace at its recorded pace times this (default 1 for a timed "
+                        ".npz / .csv trace); the trace sets the dirtying, --dirty-rate is not used")
+    p.add_argument("--trace-end", choices=("loop", "stop"), default=None,
+                   help="a migration that outlasts the timed trace loops it or stops writing at its "
+                        "end (required when that happens)")
     p.add_argument("--bandwidth", type=_arg(lambda t: parse_list(t, parse_rate)),
                    help="link speed (default 10Gb/s)")
     p.add_argument("--max-bandwidth", type=_arg(lambda t: t if t == "link" else parse_rate(t)),
@@ -117,8 +125,13 @@ def _configs(args: argparse.Namespace) -> List[MigrationConfig]:
               "aid": args.aid, "tailslow": args.tailslow, "dirty_limit_mb": args.dirty_limit,
               "max_time": args.max_time, "postcopy_after": args.postcopy_after,
               "postcopy_rtt": args.postcopy_rtt, "max_rounds": args.max_rounds, "quantum": args.quantum,
-              "seed": args.seed, "pml": args.pml}
+              "seed": args.seed, "pml": args.pml, "trace_speed": args.speed,
+              "trace_end": args.trace_end}
     base.update({k: v for k, v in simple.items() if v is not None})
+    if args.trace and args.pattern is None:
+        base["pattern"] = "trace"
+    if args.trace and args.speed is None and is_timed(args.trace):
+        base["trace_speed"] = 1.0         # a recorded trace replays at its own pace
     if args.downtime_limit is not None:
         base["downtime_limit"] = args.downtime_limit / 1000.0
     if args.fault:
@@ -167,7 +180,9 @@ def _run_migrate(args: argparse.Namespace) -> int:
     results = []
     for c in cfgs:
         if not args.json:
-            print(f"running {c.design} {fmt_bytes(c.memory)} {fmt_rate(c.dirty_rate)} "
+            dirtying = (f"trace at {c.trace_speed:g}x its pace" if c.trace_speed is not None
+                        else fmt_rate(c.dirty_rate))
+            print(f"running {c.design} {fmt_bytes(c.memory)} {dirtying} "
                   f"over {fmt_rate(c.bandwidth)} ...", file=sys.stderr, flush=True)
         results.append(run(c, costs))
     if args.json:
@@ -212,6 +227,9 @@ def format_summary(results) -> str:
                      f"{r.wall_time:.1f} s"))
     out = _table(rows)
     notes = [f"  {r.design}: {r.why}" for r in results if not r.converged or r.postcopy_faults]
+    notes += [f"  {r.design}: the trace " + ("stopped at its end" if r.trace_stopped else
+                                            f"looped ({r.trace_laps} passes)")
+              for r in results if r.trace_stopped or r.trace_laps > 1]
     notes += [f"  {r.design}: postcopy stall {fmt_time(r.postcopy_stall)} over all vCPUs"
               for r in results if r.postcopy_faults]
     return out + ("\n" + "\n".join(notes) if notes else "")

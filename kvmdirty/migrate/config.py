@@ -10,6 +10,7 @@ auto-converge 20 % / +10 % / 99 %, vcpu-dirty-limit 1 MB/s.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,6 +29,8 @@ class MigrationConfig:
     vcpu_dirty_rates: Tuple[float, ...] = ()   # per-vCPU rates instead (their sum is the dirty rate)
     pattern: str = "uniform"
     trace: Optional[str] = None
+    trace_speed: Optional[float] = None  # replay a timed trace at its own pace x this (dirty_rate unused)
+    trace_end: Optional[str] = None      # a migration outlasting the trace: "loop" or "stop" it
     design: str = "bitmap"
     ring_entries: int = 4096
     reaper_period: float = 1.0
@@ -81,6 +84,16 @@ class MigrationConfig:
         if self.max_time <= 0:
             raise ValueError("max_time must be > 0")
         self.faults = tuple(self.faults)
+        if self.trace_speed is not None:
+            if self.trace is None:
+                raise ValueError("trace_speed replays a timed trace: give the trace file")
+            if not (self.trace_speed > 0 and math.isfinite(self.trace_speed)):
+                raise ValueError(f"trace_speed must be finite and > 0, got {self.trace_speed}")
+        if self.trace_end is not None:
+            if self.trace_speed is None:
+                raise ValueError("trace_end applies to a trace replayed at its pace (trace_speed)")
+            if self.trace_end not in ("loop", "stop"):
+                raise ValueError(f"trace_end must be 'loop' or 'stop', got {self.trace_end!r}")
 
     @property
     def npages(self) -> int:

@@ -49,22 +49,21 @@ class Postcopy:
         """One quantum; returns the seconds of link time the faults used."""
         g = self.guest
         self.quantum += 1
+        g.now += dt
         link = 0.0
         per_fault = self.rtt + PAGE_SIZE / self.rate
         for i in range(len(g.vcpus)):
             st = g.stats[i]
-            g.requested[i] += g.rates[i] * dt
+            g.request(i, dt)
             avail = dt - g.debt[i]
             if avail <= 0:
                 g.debt[i] = -avail
                 continue
             g.debt[i] = 0.0
-            want = avail * g.rates[i] + g.frac[i]
-            n = int(want)
-            g.frac[i] = want - n
+            plan = g.take(i, avail).astype(np.int64)
+            n = len(plan)
             if not n:
                 continue
-            plan = g.plans[i].take(n).astype(np.int64)
             missing = np.unique(plan[self.mig.flags[plan]])
             if len(missing):
                 self._pull(missing)

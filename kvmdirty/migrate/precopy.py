@@ -35,6 +35,7 @@ from .results import MigrationResult, RoundRow, TimelinePoint, VerificationError
 from .throttle import AutoConverge, DirtyLimit
 from .trackers import make_tracker
 from ..units import fmt_rate
+from .tracepace import TracePace
 from .vcpus import Guest
 
 BANDWIDTH_PERIOD = 0.1      # BUFFER_DELAY: QEMU re-measures bandwidth every 100 ms
@@ -50,11 +51,24 @@ def build(cfg: MigrationConfig, costs: Costs):
     tracker.configure(vm)
     mem = GuestMemory(vm, cfg.npages, cfg.slot_pages)
     tracker.attach(mem)
-    w = Workload(pattern=cfg.pattern, trace=cfg.trace)
-    plans = w.plans(cfg.vcpus, cfg.npages, cfg.seed)
     rates = cfg.vcpu_dirty_rates or [cfg.dirty_rate / cfg.vcpus] * cfg.vcpus
-    guest = Guest(vm, tracker, costs, plans, [r / PAGE_SIZE for r in rates])
+    if cfg.trace_speed is not None:
+        pace = TracePace.open(cfg.trace, cfg.vcpus, cfg.trace_speed, cfg.trace_end)
+        if pace.npages > cfg.npages:
+            raise ValueError(f"the trace writes page {pace.npages - 1}: the guest needs at least "
+                             f"{pace.npages * PAGE_SIZE} bytes of memory")
+        guest = Guest(vm, tracker, costs, None, rates, pace)
+    else:
+        plans = Workload(pattern=cfg.pattern, trace=cfg.trace).plans(cfg.vcpus, cfg.npages, cfg.seed)
+        guest = Guest(vm, tracker, costs, plans, [r / PAGE_SIZE for r in rates])
     return vm, mem, tracker, guest
+
+
+def note_trace(res, guest: Guest) -> None:
+    """Say how a timed trace ended: looped, stopped, or neither (the run ended first)."""
+    if guest.pace is not None:
+        res.trace_laps = guest.pace.laps
+        res.trace_stopped = guest.pace.stopped
 
 
 def run(cfg: MigrationConfig, costs: Union[Costs, str, None] = None, *,
@@ -70,6 +84,7 @@ def run(cfg: MigrationConfig, costs: Union[Costs, str, None] = None, *,
     finally:
         vm.close()
     res.wall_time = time.perf_counter() - wall
+    note_trace(res, guest)
     if check and not res.verified:
         raise VerificationError(res.mismatched_gfns, len(res.mismatched_gfns))
     return res

@@ -68,6 +68,8 @@ class MigrationResult:
     postcopy_stall: float = 0.0
     final_dirty_rate: float = 0.0  # bytes/s newly dirtied, last sync period
     wall_time: float = 0.0
+    trace_laps: int = 0        # timed trace: passes started (> 1: it looped); 0 without one
+    trace_stopped: bool = False  # timed trace: the guest stopped writing at its end
 
     @property
     def sent_ratio(self) -> float:
@@ -103,6 +105,8 @@ class CheckpointResult:
     mismatched_gfns: List[int] = field(default_factory=list)
     vcpus: List[VcpuStats] = field(default_factory=list)
     wall_time: float = 0.0
+    trace_laps: int = 0
+    trace_stopped: bool = False
 
     def percentile(self, q: float) -> float:
         import numpy as np

@@ -16,15 +16,22 @@ import numpy as np
 
 from .costs import Costs
 from .results import VcpuStats
+from .tracepace import TracePace
 from .trackers import Tracker
+
+_EMPTY = np.zeros(0, np.uint64)
 
 
 class Guest:
     """All vCPUs of the migrating guest."""
 
-    def __init__(self, vm, tracker: Tracker, costs: Costs, plans, rates: List[float]) -> None:
+    def __init__(self, vm, tracker: Tracker, costs: Costs, plans, rates: List[float],
+                 pace: Optional[TracePace] = None) -> None:
         self.vm, self.tracker, self.costs = vm, tracker, costs
         self.plans = plans
+        self.pace = pace                            # a timed trace sets the writes instead of rates
+        if pace is not None:
+            rates = [pace.rate(i) for i in range(len(rates))]
         self.rates = [float(r) for r in rates]      # writes (pages) per second, per vCPU
         self.vcpus = [vm.create_vcpu(i) for i in range(len(rates))]
         self.stats = [VcpuStats(i) for i in range(len(rates))]
@@ -37,6 +44,8 @@ class Guest:
         self._logged = np.zeros(len(rates), np.int64)
         self.running = True
         self.quantum = 0
+        self.now = 0.0                              # virtual seconds since the guest started
+        self.clock = np.zeros(len(rates))           # per vCPU: seconds it actually ran
         self.record: Optional[List[np.ndarray]] = None   # the pages written, when asked (checkpoints)
 
     def run(self, dt: float) -> int:
@@ -44,10 +53,11 @@ class Guest:
         if not self.running:
             return 0
         self.quantum += 1
+        self.now += dt
         total = 0
         for i, v in enumerate(self.vcpus):
             st = self.stats[i]
-            self.requested[i] += self.rates[i] * dt
+            self.request(i, dt)
             avail = dt - self.debt[i]
             if avail <= 0:
                 self.debt[i] = -avail
@@ -57,13 +67,11 @@ class Guest:
                 sleep = avail * self.throttle_pct
                 st.throttle_time += sleep
                 avail -= sleep
-            want = avail * self.rates[i] + self.frac[i]
-            n = int(want)
-            self.frac[i] = want - n
+            plan = self.take(i, avail)
+            n = len(plan)
             if n == 0:
                 continue
             # A value no earlier write used: a lost write shows at the destination.
-            plan = self.plans[i].take(n)
             if self.record is not None:
                 self.record.append(plan)
             ex = v.run(plan, (self.quantum << 12) | (i + 1))
@@ -84,6 +92,23 @@ class Guest:
             st.fault_time += cost
             self.debt[i] += cost
         return total
+
+    def request(self, i: int, dt: float) -> None:
+        """What vCPU i was asked to write by now: its rate's share, or the trace's events due."""
+        if self.pace is not None:
+            self.requested[i] = self.pace.due(i, self.now)
+        else:
+            self.requested[i] += self.rates[i] * dt
+
+    def take(self, i: int, avail: float) -> np.ndarray:
+        """The pages vCPU i writes in ``avail`` seconds of running."""
+        if self.pace is not None:
+            self.clock[i] += avail
+            return self.pace.take(i, self.clock[i])
+        want = avail * self.rates[i] + self.frac[i]
+        n = int(want)
+        self.frac[i] = want - n
+        return self.plans[i].take(n) if n else _EMPTY
 
     def logged(self) -> np.ndarray:
         """Pages each vCPU logged since the last call (its dirty rate counter)."""

@@ -118,6 +118,8 @@ class CompareCommand(Command):
             "stride": _int,
             "zipf_s": lambda n, v: _float(n, v),
             "trace": lambda n, v: str(v),
+            "speed": lambda n, v: _float(n, v),                   # timed trace at its pace x this
+            "trace_end": lambda n, v: _choice(n, v, ("loop", "stop")),
             "writes": _int,
             "duration": lambda n, v: _float(n, v),
             "rate": _int,
@@ -143,6 +145,10 @@ class CompareCommand(Command):
                              ("stride", "strided"), ("zipf_s", "zipf"), ("trace", "trace")):
             if pattern != used_by:
                 out.pop(opt, None)
+        if "trace" not in out:
+            out.pop("speed", None)
+        if "speed" not in out:
+            out.pop("trace_end", None)
         return out
 
     def spec(self, options: Mapping[str, Any], seed: int):
@@ -153,6 +159,8 @@ class CompareCommand(Command):
               if k in o}
         if "interval" in o:
             o["interval"] = o["interval"] / 1e3           # ms on the command line
+        if "speed" in o:
+            o["trace_speed"] = o.pop("speed")
         return RunSpec(workload=Workload(**wl), seed=seed, **o)
 
     def run(self, options: Mapping[str, Any], seed: int) -> Dict[str, Any]:
@@ -185,6 +193,8 @@ class MigrateCommand(Command):
             "dirty_rate": _rate,
             "pattern": lambda n, v: _choice(n, v, PATTERNS),
             "trace": lambda n, v: str(v),
+            "speed": lambda n, v: _float(n, v),                   # timed trace at its pace x this
+            "trace_end": lambda n, v: _choice(n, v, ("loop", "stop")),
             "ring_entries": _int,
             "reaper_period": lambda n, v: _float(n, v),
             "clear_shift": lambda n, v: _int(n, v, 0),
@@ -225,6 +235,12 @@ class MigrateCommand(Command):
                 out.pop(k, None)
         if "trace" in out:
             out["pattern"] = "trace"
+        else:
+            out.pop("speed", None)
+        if "speed" in out:
+            out.pop("dirty_rate", None)           # the trace sets the pace
+        else:
+            out.pop("trace_end", None)
         return out
 
     def config(self, options: Mapping[str, Any], seed: int):
@@ -236,6 +252,8 @@ class MigrateCommand(Command):
             o["downtime_limit"] = o["downtime_limit"] / 1e3
         if "dirty_limit" in o:
             o["dirty_limit_mb"] = o.pop("dirty_limit")
+        if "speed" in o:
+            o["trace_speed"] = o.pop("speed")
         mb = o.pop("max_bandwidth", QEMU_MAX_BANDWIDTH)
         cfg = MigrationConfig(seed=seed, **o)
         cfg.max_bandwidth = cfg.bandwidth if mb == "link" else mb

@@ -40,7 +40,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -185,6 +185,11 @@ def _load_csv(path: str, unit: str, memory_bytes: Optional[int]) -> Trace:
                  np.array(cols[2], dtype=np.uint32) if len(cols) == 3 else None, meta)
 
 
+def is_timed(path: str) -> bool:
+    """Whether ``path`` is in this timed format (.npz / .csv), not a bare list of pages (.npy / text)."""
+    return os.path.splitext(str(path))[1].lower() in (".npz", ".csv")
+
+
 # -- replay ---------------------------------------------------------------
 @dataclass(frozen=True)
 class Batch:
@@ -239,6 +244,22 @@ def schedule(trace: Trace, *, vcpus: int = 1, speed: float = 1.0,
         if run_ns is None or at_end != "loop" or len(trace) == 0:
             return
         lap += 1
+
+
+def split(trace: Trace, vcpus: int, speed: float = 1.0) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Each vCPU's share of one pass: (due seconds, float64; gfns, uint64), in time order.
+
+    The same assignment as :func:`schedule` (the trace's vCPU column, or one
+    writer per page).  Replayers consume these by their own clocks.
+    """
+    due: List[List[float]] = [[] for _ in range(vcpus)]
+    gfns: List[List[np.ndarray]] = [[] for _ in range(vcpus)]
+    for b in schedule(trace, vcpus=vcpus, speed=speed):
+        due[b.vcpu].extend([b.due_ns / 1e9] * len(b.gfns))
+        gfns[b.vcpu].append(b.gfns)
+    return [(np.asarray(d, np.float64),
+             np.concatenate(g).astype(np.uint64) if g else np.zeros(0, np.uint64))
+            for d, g in zip(due, gfns)]
 
 
 @dataclass
