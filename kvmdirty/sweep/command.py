@@ -8,7 +8,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .commands import command, names
-from .spec import Constraint, Spec, load, option_name, parse_assignments
+from .spec import Constraint, Spec, load, parse_assignments
 
 
 def add_parser(sub) -> "callable":
