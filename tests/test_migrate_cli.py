@@ -77,9 +77,10 @@ def test_migrate_bad_usage():
 
 def test_calibrate_without_kvm_and_costs_roundtrip(tmp_path):
     out = tmp_path / "c.json"
-    p = kvmdirty("calibrate", "--no-kvm", "--repeats", "1", "--out", str(out))
+    p = kvmdirty("calibrate", "--no-kvm", "--no-host", "--repeats", "1", "--out", str(out))
     assert p.returncode == 0, p.stderr
     c = Costs.load(out)
+    assert c.host == {}
     assert set(c.entries) == set(COST_DOC)
     assert all(e.value >= 0 and "simulator" in e.source and "calibrate" in e.source
                for e in c.entries.values())
@@ -116,3 +117,23 @@ def test_units():
     for bad in ("x", "10Gb"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_calibrate_measures_the_host_kernel_and_real_kvm_where_usable(tmp_path):
+    from kvmdirty.host import host_unusable
+    from kvmdirty.info import kvm_unusable
+    out = tmp_path / "c.json"
+    p = kvmdirty("calibrate", "--repeats", "1", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    c = Costs.load(out)
+    if host_unusable() is None:
+        assert c.host["wp_fault_ns_per_page"] > 0 and c.host["harvest_clean_us_per_gib"] > 0
+        # A guest write fault is charged at least what a real host page fault costs.
+        assert c.wp_fault >= c.host["wp_fault_ns_per_page"] * 1e-9
+        assert "host kernel (userfaultfd-wp" in p.stdout
+    else:
+        assert c.host == {}
+    if kvm_unusable() is None:
+        assert c.entries["get_log_per_gib"].source.startswith("real /dev/kvm")
+        assert c.entries["ring_reset_per_entry"].source.startswith("real /dev/kvm")
+    assert Costs.load(out).to_json() == c.to_json()          # the profile round-trips

@@ -265,6 +265,8 @@ def add_calibrate_parser(sub) -> Handler:
     p.add_argument("--out", default="kvmdirty-costs.json", metavar="FILE",
                    help="profile to write (default kvmdirty-costs.json)")
     p.add_argument("--no-kvm", action="store_true", help="do not use /dev/kvm even where usable")
+    p.add_argument("--no-host", action="store_true",
+                   help="do not measure the host kernel's write-protect tracking (userfaultfd-wp)")
     p.add_argument("--repeats", type=int, default=5, help="repeats per measurement (median; default 5)")
     p.add_argument("--json", action="store_true", help="also print the profile")
     return _run_calibrate
@@ -275,7 +277,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError("--repeats must be >= 1")
     costs, why = calibrate(False if args.no_kvm else None, command_line(), args.repeats,
-                           log=lambda s: print(s, file=sys.stderr, flush=True))
+                           log=lambda s: print(s, file=sys.stderr, flush=True),
+                           use_host=not args.no_host)
     costs.save(args.out)
     if args.json:
         json.dump(costs.to_json(), sys.stdout, indent=2)
@@ -285,6 +288,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         for k, c in costs.entries.items():
             rows.append((k, f"{c.value:.3g}", c.source.split(":")[0]))
         print(_table(rows))
+        if costs.host:
+            print("\nhost kernel (userfaultfd-wp + PAGEMAP_SCAN, real hardware):")
+            print(_table([("figure", "value")] + [(k, f"{v:.4g}") for k, v in costs.host.items()]))
     print(f"profile written to {args.out}" + (f" (real KVM not used: {why})" if why else ""),
           file=sys.stderr)
     return 0

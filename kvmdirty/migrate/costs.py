@@ -55,6 +55,9 @@ class Costs:
     entries: Dict[str, Cost] = field(default_factory=dict)
     machine: str = ""
     command: str = ""
+    #: the host kernel's own write-protect tracking, measured by calibrate
+    #: (kvmdirty.host.costs: units in the keys); reference figures, not charged
+    host: Dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.entries) - set(COST_DOC)
@@ -81,7 +84,7 @@ class Costs:
             if k not in COST_DOC:
                 raise ValueError(f"unknown cost {k!r}; known: {', '.join(sorted(COST_DOC))}")
             new[k] = Cost(float(v), source)
-        return Costs(new, self.machine, self.command)
+        return Costs(new, self.machine, self.command, dict(self.host))
 
     @classmethod
     def zero(cls) -> "Costs":
@@ -103,7 +106,11 @@ class Costs:
             if not isinstance(v, dict) or "value" not in v:
                 raise ValueError(f"{path}: cost {k!r} needs a 'value'")
             entries[k] = Cost(v["value"], str(v.get("source", "")))
-        return cls(entries, str(d.get("machine", "")), str(d.get("command", "")))
+        host = d.get("host_kernel") or {}
+        if not isinstance(host, dict) or not all(isinstance(v, (int, float)) for v in host.values()):
+            raise ValueError(f"{path}: 'host_kernel' must map names to numbers")
+        return cls(entries, str(d.get("machine", "")), str(d.get("command", "")),
+                   {k: float(v) for k, v in host.items()})
 
     @classmethod
     def default(cls) -> "Costs":
@@ -111,8 +118,12 @@ class Costs:
         return cls.load(DEFAULT_PROFILE)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"machine": self.machine, "command": self.command,
-                "costs": {k: dict(self.entries[k].to_json(), what=COST_DOC[k]) for k in COST_DOC}}
+        d: Dict[str, Any] = {"machine": self.machine, "command": self.command,
+                             "costs": {k: dict(self.entries[k].to_json(), what=COST_DOC[k])
+                                       for k in COST_DOC}}
+        if self.host:
+            d["host_kernel"] = dict(self.host)
+        return d
 
     def save(self, path: Union[str, Path]) -> None:
         with open(path, "w", encoding="utf-8") as f:
