@@ -113,6 +113,9 @@ def _add_compare(sub) -> Handler:
                                    "replayed at its pace; or a bare list of RAM pages (.npy or text)")
     g.add_argument("--speed", type=_float_in(0, 1e6, lo_open=True), default=None,
                    help="timed trace: replay at its recorded pace times this (default 1)")
+    g.add_argument("--trace-unit", choices=("pages", "bytes"), default="pages",
+                   help="a CSV trace's second column: page numbers (default) or guest-physical "
+                        "addresses in bytes")
     g.add_argument("--trace-end", choices=("loop", "stop"), default=None,
                    help="timed trace shorter than --duration: loop it, or stop at its end "
                         "(required then)")
@@ -192,7 +195,8 @@ def _compare(args: argparse.Namespace) -> int:
         rate=args.rate or (4096 if args.mode == "threads" else 1024),
         mode=args.mode, period=args.period, interval=args.interval / 1e3,
         ring_entries=args.ring_entries, rounds=rounds, check=args.check,
-        seed=args.seed, backend=args.backend, trace_speed=speed, trace_end=args.trace_end)
+        seed=args.seed, backend=args.backend, trace_speed=speed, trace_end=args.trace_end,
+        trace_unit=args.trace_unit)
     with Progress(len(designs or all_designs()), enabled=None if not args.json else False) as bar:
         results = compare(spec, designs, progress=bar)
     if args.json:

@@ -79,6 +79,7 @@ class RunSpec:
     vcpu_nice: int = 0                         # threads: niceness added to vCPU threads
     trace_speed: Optional[float] = None        # threads: replay a timed trace at its pace x this
     trace_end: Optional[str] = None            # ... a run longer than it: "loop" or "stop"
+    trace_unit: str = "pages"                  # a CSV trace's second column: gfns, or "bytes" (gpa)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -120,6 +121,8 @@ class RunSpec:
                 raise ValueError(f"trace_speed must be finite and > 0, got {self.trace_speed}")
             if self.mode != "threads":
                 raise ValueError("a trace replayed at its pace needs threads (real time)")
+        if self.trace_unit != "pages" and self.trace_speed is None:
+            raise ValueError("trace_unit applies to a timed trace replayed at its pace")
         if self.trace_end is not None:
             if self.trace_speed is None:
                 raise ValueError("trace_end applies to a trace replayed at its pace (trace_speed)")
@@ -275,8 +278,8 @@ class Runner:
         spec = self.spec
         self.timed: Optional[TimedReplay] = None
         if spec.trace_speed is not None:
-            self.timed = TimedReplay(load_trace_file(spec.workload.trace), spec.vcpus, spec.trace_speed,
-                                     spec.duration, spec.trace_end)
+            self.timed = TimedReplay(load_trace_file(spec.workload.trace, unit=spec.trace_unit),
+                                     spec.vcpus, spec.trace_speed, spec.duration, spec.trace_end)
             if self.timed.npages > spec.memory // PAGE_SIZE:
                 raise ValueError(f"the trace writes RAM page {self.timed.npages - 1}: the guest needs "
                                  f"at least {self.timed.npages * PAGE_SIZE} bytes of memory")

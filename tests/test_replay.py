@@ -96,3 +96,21 @@ def test_cli_replays_at_its_pace_by_default(tmp_path):
     bad = child.run(["-m", "kvmdirty", "compare", "--trace", path, "--duration", "5"], timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "--trace-end" in bad.stderr
+
+
+def test_a_csv_trace_of_addresses_replays_in_compare_and_migrate(tmp_path):
+    rng = np.random.default_rng(5)
+    t = np.sort(rng.integers(0, 300_000_000, 2000))
+    gpa = rng.integers(0, MEM // 4096, 2000) * 4096 + 123          # addresses inside pages
+    path = tmp_path / "t.csv"
+    path.write_text("t_ns,gpa\n" + "".join(f"{a},{b}\n" for a, b in zip(t, gpa)))
+    r = run(_spec(str(path), trace_unit="bytes"))
+    assert r.ok and r.writes == 2000
+    m = child.run(["-m", "kvmdirty", "migrate", "--memory", "64M", "--vcpus", "2", "--trace", str(path),
+                   "--trace-unit", "bytes", "--trace-end", "stop", "--bandwidth", "100M",
+                   "--max-bandwidth", "link", "--json"], timeout=300)
+    assert m.returncode == 0, m.stderr
+    res = json.loads(m.stdout)["results"][0]
+    assert res["verified"] and sum(v["writes"] for v in res["vcpus"]) == 2000
+    with pytest.raises(ValueError, match="trace_unit"):
+        RunSpec(trace_unit="bytes").validate()

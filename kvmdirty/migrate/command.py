@@ -76,6 +76,9 @@ def add_migrate_parser(sub) -> Handler:
     p.add_argument("--speed", type=float, default=None,
                    help="replay --trace at its recorded pace times this (default 1 for a timed "
                         ".npz / .csv trace); the trace sets the dirtying, --dirty-rate is not used")
+    p.add_argument("--trace-unit", choices=("pages", "bytes"), default=None,
+                   help="a CSV trace's second column: page numbers (default) or guest-physical "
+                        "addresses in bytes")
     p.add_argument("--trace-end", choices=("loop", "stop"), default=None,
                    help="a migration that outlasts the timed trace loops it or stops writing at its "
                         "end (required when that happens)")
@@ -126,7 +129,7 @@ def _configs(args: argparse.Namespace) -> List[MigrationConfig]:
               "max_time": args.max_time, "postcopy_after": args.postcopy_after,
               "postcopy_rtt": args.postcopy_rtt, "max_rounds": args.max_rounds, "quantum": args.quantum,
               "seed": args.seed, "pml": args.pml, "trace_speed": args.speed,
-              "trace_end": args.trace_end}
+              "trace_end": args.trace_end, "trace_unit": args.trace_unit}
     base.update({k: v for k, v in simple.items() if v is not None})
     if args.trace and args.pattern is None:
         base["pattern"] = "trace"

@@ -31,6 +31,7 @@ class MigrationConfig:
     trace: Optional[str] = None
     trace_speed: Optional[float] = None  # replay a timed trace at its own pace x this (dirty_rate unused)
     trace_end: Optional[str] = None      # a migration outlasting the trace: "loop" or "stop" it
+    trace_unit: str = "pages"            # a CSV trace's second column: gfns, or "bytes" (gpa)
     design: str = "bitmap"
     ring_entries: int = 4096
     reaper_period: float = 1.0
@@ -89,6 +90,10 @@ class MigrationConfig:
                 raise ValueError("trace_speed replays a timed trace: give the trace file")
             if not (self.trace_speed > 0 and math.isfinite(self.trace_speed)):
                 raise ValueError(f"trace_speed must be finite and > 0, got {self.trace_speed}")
+        if self.trace_unit not in ("pages", "bytes"):
+            raise ValueError(f"trace_unit must be 'pages' or 'bytes', got {self.trace_unit!r}")
+        if self.trace_unit != "pages" and self.trace_speed is None:
+            raise ValueError("trace_unit applies to a trace replayed at its pace (trace_speed)")
         if self.trace_end is not None:
             if self.trace_speed is None:
                 raise ValueError("trace_end applies to a trace replayed at its pace (trace_speed)")

@@ -53,7 +53,7 @@ def build(cfg: MigrationConfig, costs: Costs):
     tracker.attach(mem)
     rates = cfg.vcpu_dirty_rates or [cfg.dirty_rate / cfg.vcpus] * cfg.vcpus
     if cfg.trace_speed is not None:
-        pace = TracePace.open(cfg.trace, cfg.vcpus, cfg.trace_speed, cfg.trace_end)
+        pace = TracePace.open(cfg.trace, cfg.vcpus, cfg.trace_speed, cfg.trace_end, cfg.trace_unit)
         if pace.npages > cfg.npages:
             raise ValueError(f"the trace writes page {pace.npages - 1}: the guest needs at least "
                              f"{pace.npages * PAGE_SIZE} bytes of memory")

@@ -37,8 +37,9 @@ class TracePace:
         self.stopped = False
 
     @classmethod
-    def open(cls, path: str, vcpus: int, speed: float, at_end: Optional[str]) -> "TracePace":
-        return cls(load(path), vcpus, speed, at_end)
+    def open(cls, path: str, vcpus: int, speed: float, at_end: Optional[str],
+             unit: str = "pages") -> "TracePace":
+        return cls(load(path, unit=unit), vcpus, speed, at_end)
 
     @property
     def npages(self) -> int:
