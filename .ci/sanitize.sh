@@ -28,6 +28,11 @@ if [ ! -e "$libasan" ]; then
     exit 2
 fi
 libasan=$(readlink -f "$libasan")
+# libstdc++ preloaded after libasan: ASan's __cxa_throw interceptor must find the
+# real one at start-up, or the first C++ exception of a library loaded later
+# (pyarrow, matplotlib's extensions) aborts with "CHECK failed ... real___cxa_throw".
+libstdcxx=$(readlink -f "$("$CC" -print-file-name=libstdc++.so)")
+preload="$libasan $libstdcxx"
 
 if [ -n "${KVMDIRTY_SANITIZE_DIR:-}" ]; then
     work=$KVMDIRTY_SANITIZE_DIR
@@ -52,7 +57,7 @@ tar -C "$root" -cf - \
     --exclude='./build' --exclude='*.so' --exclude='./src/*.c' \
     --exclude='__pycache__' --exclude='.hypothesis' --exclude='.pytest_cache' \
     --exclude='./.git' --exclude='*.egg-info' \
-    setup.py pyproject.toml src kvmdirty tests $( [ -f README.md ] && echo README.md ) \
+    setup.py pyproject.toml src kvmdirty tests examples $( [ -f README.md ] && echo README.md ) \
     | tar -C "$work" -xf -
 
 if ! "$PY" -c "import Cython" 2>/dev/null; then
@@ -77,13 +82,13 @@ export PYTHONMALLOC=malloc
 export KVMDIRTY_SANITIZER_RUN=1
 export PYTHONDONTWRITEBYTECODE=1
 
-echo "== sanitize: pytest (LD_PRELOAD=$libasan)"
+echo "== sanitize: pytest (LD_PRELOAD=$preload)"
 cd "$work"
-LD_PRELOAD="$libasan" "$PY" -c "import kvmdirty, sys; \
+LD_PRELOAD="$preload" "$PY" -c "import kvmdirty, sys; \
     assert kvmdirty.__file__.startswith('$work'), kvmdirty.__file__; print('   kvmdirty from', kvmdirty.__file__)"
 rc=0
 log="$work/pytest.log"
-LD_PRELOAD="$libasan" "$PY" -m pytest -p no:cacheprovider --capture=sys -q -ra "${@:-tests}" 2>&1 \
+LD_PRELOAD="$preload" "$PY" -m pytest -p no:cacheprovider --capture=sys -q -ra "${@:-tests}" 2>&1 \
     | tee "$log" || rc=$?
 
 if grep -Eq "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then

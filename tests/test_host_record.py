@@ -1,6 +1,8 @@
 """`kvmdirty record`: the process's anonymous memory tracked by the host kernel, laid out as guest RAM."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,8 @@ def test_record_picks_up_new_mappings():
             maps.append(mm)
         np.frombuffer(maps[0], dtype=np.uint64)[5 * 512] += 1
     try:
-        tr = rec.record(step, 0.3, interval_s=0.01)
+        # Under a sanitizer each sample of the (much larger) process takes longer.
+        tr = rec.record(step, 3.0 if os.environ.get("KVMDIRTY_SANITIZER_RUN") else 0.3, interval_s=0.01)
         m = maps[0]
         (region,) = [r for r in tr.meta["regions"] if r["vaddr"] <= m.address < r["vaddr"] + r["pages"] * PAGE]
         base = region["gfn"] + (m.address - region["vaddr"]) // PAGE

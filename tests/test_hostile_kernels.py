@@ -100,7 +100,7 @@ def test_buffer_sink_cannot_be_resized_during_the_loop(fn):
 
 
 _CLOSE_RACE = """
-    import mmap, threading, numpy as np
+    import mmap, threading, time, numpy as np
     from kvmdirty import _bitmap
     N = 1 << 19
     closed = refused = 0
@@ -113,12 +113,17 @@ _CLOSE_RACE = """
         def closer():
             global closed, refused
             go.wait()
-            try:
-                mv.release()              # the caller's own export ...
-                mm.close()                # ... then the mapping: munmap
-                closed += 1
-            except BufferError:
-                refused += 1
+            # Staggered starts: some rounds close before the call, some while its loop runs
+            # (argument set-up takes longer under a sanitizer).
+            time.sleep((k % 8) * 0.0005)
+            while True:                   # keep trying until the loop lets go
+                try:
+                    mv.release()          # the caller's own export ...
+                    mm.close()            # ... then the mapping: munmap
+                    closed += 1
+                    return
+                except BufferError:
+                    refused += 1
         t = threading.Thread(target=closer)
         t.start()
         go.set()
