@@ -68,9 +68,10 @@ cdef enum:
     KD_RING_F_PUBLISH_EARLY = 1   # push stores flags = DIRTY before slot/offset
 
 # Pause iterations between the early DIRTY and the payload: widens the window
-# so a concurrent collector can actually observe the bug.
+# so a concurrent collector can actually observe the bug (wide enough that a
+# preempted pusher is usually inside it, also under ThreadSanitizer).
 cdef enum:
-    KD_PUBLISH_EARLY_SPIN = 16
+    KD_PUBLISH_EARLY_SPIN = 256
     # relaxed_collect's window must catch a push that lands while the
     # collector waits at the ring head: make it microseconds wide.
     KD_RELAXED_COLLECT_SPIN = 512
