@@ -10,6 +10,7 @@ import os
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("KVMDIRTY_DEBUG") == "1"
 SANITIZE = os.environ.get("KVMDIRTY_SANITIZE") == "1"
@@ -51,10 +52,22 @@ def extension(pyx: str) -> Extension:
     )
 
 
+class ParallelBuildExt(build_ext):
+    """Compile the extensions on every CPU unless `-j` says otherwise: `pip
+    install` has no way to pass -j, and the modules are independent."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = os.cpu_count() or 1
+
+
 setup(
+    cmdclass={"build_ext": ParallelBuildExt},
     ext_modules=cythonize(
         [extension(p) for p in sorted(glob.glob("src/_*.pyx"))],
         include_path=["src"],
         compiler_directives=DIRECTIVES,
+        nthreads=os.cpu_count() or 1,
     ),
 )

@@ -385,7 +385,7 @@ class VM:
         return dirty
 
     def slot_info(self, slot: int) -> MemSlot:
-        s = self.mmu.slots.get(slot)
+        s = self.mmu.slots.get(validate.u32(slot, "slot"))
         if s is None:
             raise KvmError(errno.ENOENT, "slot_info", f"slot {slot:#x} does not exist")
         return s

@@ -800,3 +800,22 @@ def test_reset_sink_reentering_reset_or_fetch_is_refused():
         _in_thread(lambda: s.reset(None, lambda: s.reset()))  # from the flush callback
     # The reset above committed before its flush callback failed: each entry freed once.
     assert r.used == 0 and s.reset() == 0
+
+
+@pytest.mark.parametrize("bad", [None, 1.0, True, "0"])
+def test_switched_bitmap_slot_argument_is_validated(bad):
+    # Hypothesis found switch(None) / addresses(None) raising a bare KeyError,
+    # and a float slot was looked up as the int it equals: every per-slot call
+    # refuses a non-integer slot as an ioctl does, before touching anything.
+    vm = _vm("switched-bitmap")
+    with pytest.raises(TypeError):
+        vm.design.switch(bad)
+    with pytest.raises(TypeError):
+        vm.design.addresses(bad)
+    with pytest.raises(TypeError):
+        vm.slot_info(bad)
+    user = _vm("switched-bitmap-user")
+    with pytest.raises(TypeError):
+        user.design.switch(bad, np.zeros(4, np.uint64))
+    with pytest.raises(TypeError):
+        user.design.retired(bad)
