@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import errno
 import math
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
 from .errors import KvmError
-from .limits import ADDRESS_SPACES, USER_MEM_SLOTS
+from . import _uapi
+from .limits import ADDRESS_SPACES, MEM_MAX_NR_PAGES, USER_MEM_SLOTS
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -56,6 +57,42 @@ def split_slot(slot, ioctl: str, address_spaces: int = ADDRESS_SPACES) -> Tuple[
     if as_id >= address_spaces or sid >= USER_MEM_SLOTS:
         raise KvmError(errno.EINVAL, ioctl, f"address space {as_id} / slot id {sid} out of range")
     return as_id, sid
+
+
+class Region(NamedTuple):
+    """A KVM_SET_USER_MEMORY_REGION request that passed the kernel's argument checks."""
+    slot: int
+    gpa: int
+    size: int
+    flags: int
+    npages: int
+
+
+def memory_region(slot, guest_phys_addr, memory_size, flags, address_spaces: int,
+                  ioctl: str = "KVM_SET_USER_MEMORY_REGION") -> Region:
+    """The checks of kvm_vm_ioctl_set_memory_region then __kvm_set_memory_region,
+    in the kernel's order, before any slot is looked at (the callers check
+    existence and overlap under their slots lock)."""
+    slot = u32(slot, "slot")
+    gpa = u64(guest_phys_addr, "guest_phys_addr")
+    size = u64(memory_size, "memory_size")
+    flags = u32(flags, "flags")
+    if (slot & 0xFFFF) >= USER_MEM_SLOTS:
+        raise KvmError(errno.EINVAL, ioctl, f"slot id {slot & 0xFFFF} >= {USER_MEM_SLOTS}")
+    if flags & ~(_uapi.MEM_LOG_DIRTY_PAGES | _uapi.MEM_READONLY):
+        raise KvmError(errno.EINVAL, ioctl, f"unsupported flags {flags:#x}")
+    if size & 0xFFF:
+        raise KvmError(errno.EINVAL, ioctl, "memory_size is not page aligned")
+    if gpa & 0xFFF:
+        raise KvmError(errno.EINVAL, ioctl, "guest_phys_addr is not page aligned")
+    if (slot >> 16) >= address_spaces:
+        raise KvmError(errno.EINVAL, ioctl, f"address space {slot >> 16} out of range")
+    if gpa + size >= 1 << 64:
+        raise KvmError(errno.EINVAL, ioctl, "guest_phys_addr + memory_size overflows")
+    npages = size >> 12
+    if npages > MEM_MAX_NR_PAGES:
+        raise KvmError(errno.EINVAL, ioctl, f"{npages} pages is more than a slot may have")
+    return Region(slot, gpa, size, flags, npages)
 
 
 def _int_array(a, name: str) -> np.ndarray:

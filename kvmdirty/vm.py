@@ -32,7 +32,7 @@ from . import _bitmap, _mmu, _uapi, validate
 from .api import PAGE_SHIFT, PAGE_SIZE, Exit
 from .errors import KvmError
 from .limits import (ADDRESS_SPACES, DIRTY_GFN_SIZE, DIRTY_RING_MAX_ENTRIES,
-                     DIRTY_RING_RSVD_ENTRIES, MAX_VCPU_IDS, MAX_VCPUS, MEM_MAX_NR_PAGES,
+                     DIRTY_RING_RSVD_ENTRIES, MAX_VCPU_IDS, MAX_VCPUS,
                      PML_LOG_SIZE, USER_MEM_SLOTS)
 from .slotlock import SlotLock
 
@@ -307,26 +307,8 @@ class VM:
         """
         ioctl = "KVM_SET_USER_MEMORY_REGION"
         self._check_open(ioctl)
-        slot = validate.u32(slot, "slot")
-        gpa = validate.u64(guest_phys_addr, "guest_phys_addr")
-        size = validate.u64(memory_size, "memory_size")
-        flags = validate.u32(flags, "flags")
-        # kvm_vm_ioctl_set_memory_region, then __kvm_set_memory_region, in order.
-        if (slot & 0xFFFF) >= USER_MEM_SLOTS:
-            raise KvmError(errno.EINVAL, ioctl, f"slot id {slot & 0xFFFF} >= {USER_MEM_SLOTS}")
-        if flags & ~(MEM_LOG_DIRTY_PAGES | _uapi.MEM_READONLY):
-            raise KvmError(errno.EINVAL, ioctl, f"unsupported flags {flags:#x}")
-        if size & (PAGE_SIZE - 1):
-            raise KvmError(errno.EINVAL, ioctl, "memory_size is not page aligned")
-        if gpa & (PAGE_SIZE - 1):
-            raise KvmError(errno.EINVAL, ioctl, "guest_phys_addr is not page aligned")
-        if (slot >> 16) >= self.address_spaces:
-            raise KvmError(errno.EINVAL, ioctl, f"address space {slot >> 16} out of range")
-        if gpa + size >= 1 << 64:
-            raise KvmError(errno.EINVAL, ioctl, "guest_phys_addr + memory_size overflows")
-        npages = size >> PAGE_SHIFT
-        if npages > MEM_MAX_NR_PAGES:
-            raise KvmError(errno.EINVAL, ioctl, f"{npages} pages is more than a slot may have")
+        slot, gpa, size, flags, npages = validate.memory_region(
+            slot, guest_phys_addr, memory_size, flags, self.address_spaces, ioctl)
         base = gpa >> PAGE_SHIFT
         with self._slots_mutex:
             # kvm->slots_lock: the checks below and the change are one critical section.

@@ -27,7 +27,7 @@ import numpy as np
 from .. import _host, _kvm, _mmu, _uapi, validate
 from ..api import EXIT_BUDGET, EXIT_HLT, PAGE_SHIFT, PAGE_SIZE, Exit
 from ..errors import KvmError
-from ..limits import ADDRESS_SPACES, MAX_VCPU_IDS, MAX_VCPUS, MEM_MAX_NR_PAGES, USER_MEM_SLOTS
+from ..limits import ADDRESS_SPACES, MAX_VCPU_IDS, MAX_VCPUS, USER_MEM_SLOTS
 from ..validate import split_slot, u64
 from .tracker import Tracker, require_host
 
@@ -225,30 +225,8 @@ class HostVM:
         """
         ioctl = "KVM_SET_USER_MEMORY_REGION"
         self._check_open(ioctl)
-        slot = u64(slot, "slot")
-        gpa = u64(guest_phys_addr, "guest_phys_addr")
-        size = u64(memory_size, "memory_size")
-        flags = u64(flags, "flags")
-        if slot > 0xFFFFFFFF:
-            raise ValueError(f"slot {slot} does not fit in a u32")
-        if flags > 0xFFFFFFFF:
-            raise ValueError(f"flags {flags:#x} do not fit in a u32")
-        # The simulator's (and the kernel's) order of checks.
-        if (slot & 0xFFFF) >= USER_MEM_SLOTS:
-            raise KvmError(errno.EINVAL, ioctl, f"slot id {slot & 0xFFFF} >= {USER_MEM_SLOTS}")
-        if flags & ~(LOG | READONLY):
-            raise KvmError(errno.EINVAL, ioctl, f"unsupported flags {flags:#x}")
-        if size & (PAGE_SIZE - 1):
-            raise KvmError(errno.EINVAL, ioctl, "memory_size is not page aligned")
-        if gpa & (PAGE_SIZE - 1):
-            raise KvmError(errno.EINVAL, ioctl, "guest_phys_addr is not page aligned")
-        if (slot >> 16) >= self.address_spaces:
-            raise KvmError(errno.EINVAL, ioctl, f"address space {slot >> 16} out of range")
-        if gpa + size >= 1 << 64:
-            raise KvmError(errno.EINVAL, ioctl, "guest_phys_addr + memory_size overflows")
-        npages = size >> PAGE_SHIFT
-        if npages > MEM_MAX_NR_PAGES:
-            raise KvmError(errno.EINVAL, ioctl, f"{npages} pages is more than a slot may have")
+        slot, gpa, size, flags, npages = validate.memory_region(
+            slot, guest_phys_addr, memory_size, flags, self.address_spaces, ioctl)
         old = self.slots.get(slot)
         base = gpa >> PAGE_SHIFT
         if size == 0:
