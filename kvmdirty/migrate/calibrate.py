@@ -72,6 +72,22 @@ def _pages(n: int, npages: int, seed: int = 1) -> np.ndarray:
     return np.sort(rng.choice(npages, n, replace=False)).astype(np.uint64)
 
 
+def _ring_costs(vm, v, plan: np.ndarray, repeats: int) -> Dict[str, float]:
+    """Collect and reset cost per entry: the vCPU fills its ring with the plan
+    (fewer entries than the ring holds), then the ring is harvested, timed."""
+    coll, reset = [], []
+    for r in range(repeats):
+        v.run(plan, r + 1)
+        t = time.perf_counter()
+        _, offs = v.dirty_ring.collect()
+        coll.append((time.perf_counter() - t) / max(1, len(offs)))
+        t = time.perf_counter()
+        got = vm.reset_dirty_rings()
+        reset.append((time.perf_counter() - t) / max(1, got))
+    return {"ring_collect_per_entry": statistics.median(coll),
+            "ring_reset_per_entry": statistics.median(reset)}
+
+
 def _fault_cost(vm, v, plan: np.ndarray, repeats: int) -> float:
     """Per write fault: a pass over protected pages minus a pass over the same, writable,
     pages, paired so that drift cancels; the median of the pairs."""
@@ -134,20 +150,7 @@ def measure_sim(gib: int = 4, k: int = 1 << 15, repeats: int = 5) -> Dict[str, f
     vm = VM()
     vm.enable_dirty_ring(1 << 16)
     vm.set_user_memory_region(0, 0, n * PAGE_SIZE, LOG)
-    v = vm.create_vcpu(0)
-    rp = plan[: (1 << 16) - 1024]
-    ring = v.dirty_ring
-    coll, reset = [], []
-    for r in range(repeats):
-        v.run(rp, r + 1)
-        t = time.perf_counter()
-        _, offs = ring.collect()
-        coll.append((time.perf_counter() - t) / max(1, len(offs)))
-        t = time.perf_counter()
-        got = vm.reset_dirty_rings()
-        reset.append((time.perf_counter() - t) / max(1, got))
-    out["ring_collect_per_entry"] = statistics.median(coll)
-    out["ring_reset_per_entry"] = statistics.median(reset)
+    out.update(_ring_costs(vm, vm.create_vcpu(0), plan[: (1 << 16) - 1024], repeats))
     vm.close()
 
     # QEMU's merge (cpu_physical_memory_sync_dirty_bitmap) is word-wise: OR and count.
@@ -214,19 +217,7 @@ def measure_kvm(gib: int = 4, k: int = 2048, repeats: int = 5) -> Dict[str, floa
     with KvmVM() as vm:
         vm.enable_dirty_ring(1 << 16)
         vm.set_user_memory_region(0, at, n * PAGE_SIZE, LOG)
-        v = vm.create_vcpu(0)
-        ring = v.dirty_ring
-        coll, reset = [], []
-        for r in range(repeats):
-            v.run(plan, r + 1)
-            t = time.perf_counter()
-            _, offs = ring.collect()
-            coll.append((time.perf_counter() - t) / max(1, len(offs)))
-            t = time.perf_counter()
-            got = vm.reset_dirty_rings()
-            reset.append((time.perf_counter() - t) / max(1, got))
-        out["ring_collect_per_entry"] = statistics.median(coll)
-        out["ring_reset_per_entry"] = statistics.median(reset)
+        out.update(_ring_costs(vm, vm.create_vcpu(0), plan, repeats))
     return out
 
 
