@@ -142,9 +142,12 @@ cdef size_t _harvest(uint64_t *w, uint64_t *snap, size_t n, bint zeroed,
     while True:
         j = kd_next_nonzero(w, i, n)
         if not zeroed:
+            # Clean words: make the snapshot's 0 too, reading before writing (a
+            # reused snapshot is mostly 0 already, so mostly no stores).
+            i = kd_next_nonzero(snap, i, j)
             while i < j:
                 snap[i] = 0
-                i += 1
+                i = kd_next_nonzero(snap, i + 1, j)
         if j >= n:
             break
         # xchg: the one access that decides what this harvest owns; a bit
@@ -167,7 +170,9 @@ def harvest(uint64_t[::1] words not None, uint64_t[::1] snapshot not None,
     uint64 buffer of write bits (the mask is and-not'ed into it), an object
     with a ``_kd_sink`` capsule (called as ``protect(slot, word*64, mask)``),
     or a Python callable ``sink(word_index, mask)``.  With ``zeroed=True`` the
-    snapshot is known to be all zeros and only dirty words are written.
+    snapshot is known to be all zeros and only dirty words are written;
+    without it the snapshot may hold anything (a buffer reused from call to
+    call) and ends up equal to the harvested words.
     If the sink raises (KeyboardInterrupt included), every bit taken is put
     back into ``words`` before the exception propagates (the snapshot's
     content is then unspecified).
@@ -290,15 +295,25 @@ cdef void _copy_live(const uint64_t *w, uint64_t *out, size_t n) noexcept nogil:
         out[i] = kd_load_relaxed_u64(&w[i])
 
 
-def copy_live(const uint64_t[::1] words not None):
+def copy_live(const uint64_t[::1] words not None, out=None):
     """A copy of bitmap words that vCPUs may be writing (each read with a relaxed atomic load).
 
     For reading a live bitmap without taking bits (e.g. KVM_GET_DIRTY_LOG with
     manual protect): numpy's copy would race the vCPUs' atomic fetch-or.
+    With ``out`` (a caller-owned uint64 array of at least len(words) words)
+    the copy goes there and ``out[:len(words)]`` is returned.
     """
     cdef size_t n = words.shape[0]
     cdef uint64_t[::1] ov
     _check_aligned(words, "words")
+    if out is not None:
+        ov = _out_words(out)
+        if <size_t>ov.shape[0] < n:
+            raise ValueError(f"out has {ov.shape[0]} words, needs {n}")
+        if n:
+            with nogil:
+                _copy_live(&words[0], &ov[0], n)
+        return out[:n]
     out = np.empty(n, np.uint64)
     if n:
         ov = out
@@ -310,6 +325,7 @@ def copy_live(const uint64_t[::1] words not None):
 cdef struct GfnBuf:
     uint64_t *p
     size_t n, cap
+    bint fixed          # p is the caller's out buffer: never grown, never freed
 
 
 cdef int _buf_push_word(GfnBuf *b, uint64_t base, size_t word, uint64_t m) noexcept nogil:
@@ -318,6 +334,8 @@ cdef int _buf_push_word(GfnBuf *b, uint64_t base, size_t word, uint64_t m) noexc
     cdef uint64_t *p
     cdef uint64_t first
     if need > b.cap:
+        if b.fixed:
+            return -1
         cap = b.cap * 2 if b.cap * 2 > need else need + 1024
         p = <uint64_t *>realloc(b.p, cap * sizeof(uint64_t))
         if p == NULL:
@@ -384,6 +402,7 @@ cdef inline void _buf_init(GfnBuf *b, size_t nwords) noexcept nogil:
     b.p = NULL
     b.n = 0
     b.cap = 0
+    b.fixed = False
     if nwords:
         b.p = <uint64_t *>malloc(nwords * sizeof(uint64_t))
         if b.p != NULL:
@@ -415,17 +434,54 @@ cdef int _list_gfns(uint64_t *w, size_t n, uint64_t base, GfnBuf *b, bint take,
         i += 1
 
 
-def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
+cdef object _validate_out = None
+
+
+cdef object _out_words(object out):
+    """A caller-owned uint64 output array, checked by kvmdirty.validate.out_words."""
+    global _validate_out
+    if _validate_out is None:
+        # Imported on first use: kvmdirty.validate is above this module.
+        from kvmdirty.validate import out_words
+        _validate_out = out_words
+    return _validate_out(out, "out")
+
+
+cdef inline void _buf_fixed(GfnBuf *b, uint64_t[::1] ov) noexcept:
+    b.p = &ov[0] if ov.shape[0] else NULL
+    b.n = 0
+    b.cap = ov.shape[0]
+    b.fixed = True
+
+
+cdef object _too_short(size_t cap, size_t need):
+    return ValueError(f"out has room for {cap} pages, {need} are set")
+
+
+def to_gfns(const uint64_t[::1] words not None, uint64_t base=0, out=None):
     """The set bits as a uint64 numpy array of page numbers (``base`` + bit index), ascending.
 
     One pass: zero words are skipped by the hint scan, the rest expanded with
-    count-trailing-zeros into a growing buffer.
+    count-trailing-zeros into a growing buffer.  With ``out`` (a caller-owned
+    uint64 array, reused from call to call) the pages are written there and
+    the view ``out[:count]`` is returned: nothing is allocated.  If they do
+    not fit, ValueError (``words`` is only read; ``out`` is then unspecified).
     """
     cdef size_t n = words.shape[0]
     cdef GfnBuf b
     cdef int err = 0
+    cdef uint64_t[::1] ov
     cdef _Sink none = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
+    if out is not None:
+        ov = _out_words(out)
+        _buf_fixed(&b, ov)
+        if n:
+            with nogil:
+                err = _list_gfns(<uint64_t *>&words[0], n, base, &b, False, none, 0)
+        if err:
+            raise _too_short(b.cap, popcount(words))
+        return out[:b.n]
     _buf_init(&b, n)
     try:
         if n:
@@ -440,24 +496,31 @@ def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
 
 
 def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
-                 *, unsigned int slot=0):
+                 *, unsigned int slot=0, out=None):
     """Harvest and expand in one pass: exchange each non-zero word with 0, protect, list its pages.
 
     The same as :func:`harvest` followed by :func:`to_gfns` on the snapshot,
     without materialising the snapshot.  Returns a uint64 array of
-    ``base`` + page index, ascending.
+    ``base`` + page index, ascending; with ``out`` (a caller-owned uint64
+    array, reused) the view ``out[:count]`` of it.
 
-    On any failure (MemoryError growing the list, a raising Python sink,
-    KeyboardInterrupt) every page taken is put back into ``words`` first.
+    On any failure (MemoryError growing the list, pages that do not fit in
+    ``out`` (ValueError), a raising Python sink, KeyboardInterrupt) every
+    page taken is put back into ``words`` first.
     """
     cdef size_t n = words.shape[0], i
     cdef uint64_t mask
     cdef GfnBuf b
     cdef int err = 0
+    cdef uint64_t[::1] ov
     cdef _Sink s = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
     s.resolve(sink, n)
-    _buf_init(&b, n)
+    if out is not None:
+        ov = _out_words(out)
+        _buf_fixed(&b, ov)
+    else:
+        _buf_init(&b, n)
     try:
         if s.kind == SINK_PY:
             for i in range(n):
@@ -475,15 +538,20 @@ def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
                 # On -1 the word that did not fit is already back in words.
                 err = _list_gfns(&words[0], n, base, &b, True, s, slot)
         if err:
+            if b.fixed:
+                raise _too_short(b.cap, b.n + popcount(words))
             raise MemoryError()
+        if b.fixed:
+            return out[:b.n]
         return _buf_to_array(&b)
     except BaseException:
-        if b.p != NULL:
+        if b.p != NULL and b.n:
             with nogil:
                 _put_back_gfns(&words[0], base, &b)
         raise
     finally:
-        free(b.p)                 # NULL once numpy owns it
+        if not b.fixed:
+            free(b.p)             # NULL once numpy owns it
 
 
 def set_bit(uint64_t[::1] words not None, uint64_t nr):
@@ -577,10 +645,32 @@ cdef class DirtyBitmap:
             raise IndexError(f"page {int(a.max())} out of range [0, {self.npages})")
         return set_bits(self._w, a)
 
-    def harvest(self, sink=None, *, unsigned int slot=0):
-        """Take every dirty bit (xchg to 0); return the snapshot as a new uint64 array."""
+    def harvest(self, sink=None, *, unsigned int slot=0, out=None):
+        """Take every dirty bit (xchg to 0); return the snapshot as a new uint64 array.
+
+        With ``out`` (a caller-owned uint64 array of at least ``nwords``
+        words, reused from call to call) the snapshot is written there and
+        ``out[:nwords]`` is returned.
+        """
         cdef uint64_t[::1] sv
-        snap = np.zeros(self._w.shape[0], dtype=np.uint64)
+        cdef size_t n = self._w.shape[0]
+        cdef _Sink s
+        if out is not None:
+            sv = _out_words(out)
+            if <size_t>sv.shape[0] < n:
+                raise ValueError(f"out has {sv.shape[0]} words, needs {n}")
+            snap = out[:n]
+            s = _Sink(_SINK_TOKEN)
+            s.resolve(sink, n)
+            if s.kind != SINK_PY:
+                # The compiled loop cannot fail: nothing to put back.
+                if n:
+                    with nogil:
+                        _harvest(&self._w[0], &sv[0], n, False, s, slot)
+                return snap
+            snap.fill(0)          # a Python sink may fail: put back exactly what was taken
+        else:
+            snap = np.zeros(n, dtype=np.uint64)
         try:
             harvest(self._w, snap, sink, zeroed=True, slot=slot)
         except BaseException:
@@ -601,8 +691,9 @@ cdef class DirtyBitmap:
         m = np.ascontiguousarray(masks, dtype=np.uint64)
         return clear_masked(self._w, m, first_page // 64, None, sink, slot=slot)
 
-    def to_gfns(self, base=0):
-        return to_gfns(self._w, base)
+    def to_gfns(self, base=0, out=None):
+        """The dirty pages, ascending (see the module's to_gfns; ``out`` as there)."""
+        return to_gfns(self._w, base, out)
 
     def popcount(self):
         return popcount(self._w)

@@ -20,6 +20,9 @@ typedef uint64_t kd_v2u64 __attribute__((vector_size(16)));
 /* First index >= i (and < n) whose word looks non-zero, or n. */
 static inline size_t kd_next_nonzero(const uint64_t *w, size_t i, size_t n)
 {
+    /* Dense maps: the next word is often the one (no 16-word block read for it). */
+    if (i < n && __atomic_load_n(&w[i], __ATOMIC_RELAXED))
+        return i;
     while (i + 16 <= n) {
         kd_v2u64 v[8];
         memcpy(v, w + i, sizeof(v));
