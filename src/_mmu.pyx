@@ -28,7 +28,7 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABL
                              PyBUF_C_CONTIGUOUS, PyBUF_FORMAT)
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, realloc, free
-from libc.string cimport memmove
+from libc.string cimport memmove, memset
 
 import errno
 import os
@@ -42,7 +42,7 @@ from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_seqcst
                       kd_fetch_andnot_u64, kd_fetch_add_relaxed_u64,
                       kd_load_acquire_ptr, kd_store_release_ptr, kd_smp_mb, kd_cpu_relax,
                       kd_ctz64, kd_clz64, kd_popcount64, kd_xchg_u64)
-from _scan cimport kd_next_nonzero
+from _scan cimport kd_nonzero_mask16, kd_ctz32
 from _sink cimport (kd_sink, kd_tracker, kd_owned_capsule, KD_SINK_CAPSULE, KD_RING_CAPSULE,
                     KD_TRACKER_CAPSULE, KD_NO_VCPU)
 from _ringcore cimport kd_ring, kd_ring_push, kd_ring_used, KD_PUSH_SOFT_FULL, KD_PUSH_FULL
@@ -395,36 +395,47 @@ cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexce
     return 0
 
 
+cdef inline size_t _harvest_slot_word(kd_mmu *m, kd_slot *s, uint64_t *d, uint64_t *snap,
+                                      size_t j, uint64_t *dirty) noexcept nogil:
+    # xchg: the one access that decides what this harvest owns; pairs with
+    # the vCPU's fetch-or in mark-dirty (_mark_dirty).
+    cdef uint64_t mask = kd_xchg_u64(&d[j], 0)
+    snap[j] = mask
+    if mask == 0:
+        return 0
+    dirty[0] |= mask
+    return <size_t>_protect_slot(m, s, <uint64_t>j << 6, mask)
+
+
 cdef size_t _harvest_slot(kd_mmu *m, kd_slot *s, uint64_t *d, uint64_t *snap, size_t n,
                           bint zeroed, uint64_t *pages) noexcept nogil:
     """KVM_GET_DIRTY_LOG's harvest of one slot (the numbered protocol of kvmdirty._bitmap):
     exchange each non-zero dirty word with 0 into snap, protect its pages.
 
-    Without ``zeroed`` the snapshot's clean words are made 0 too, reading
-    before writing (a reused snapshot is mostly 0 already: no stores there).
-    Returns the words protected; the caller flushes TLBs if there were any.
+    16 words at a time (one branch per block, its dirty words visited through
+    its non-zero mask, src/_scan.h).  Without ``zeroed`` the snapshot may hold
+    anything (a reused buffer) and ends up equal to the harvested words.  Returns the words
+    protected; ``pages`` is non-zero iff anything was dirty (the caller then
+    flushes TLBs).
     """
-    cdef size_t i = 0, j, k, protected = 0
-    cdef uint64_t mask, npg = 0
-    while True:
-        j = kd_next_nonzero(d, i, n)
-        if not zeroed:
-            # Not a shared word: snap is the caller's private buffer.
-            k = kd_next_nonzero(snap, i, j)
-            while k < j:
-                snap[k] = 0
-                k = kd_next_nonzero(snap, k + 1, j)
-        if j >= n:
-            break
-        # xchg: the one access that decides what this harvest owns; pairs with
-        # the vCPU's fetch-or in mark-dirty (_mark_dirty).
-        mask = kd_xchg_u64(&d[j], 0)
-        snap[j] = mask
-        if mask:
-            npg += <uint64_t>kd_popcount64(mask)
-            protected += <size_t>_protect_slot(m, s, <uint64_t>j << 6, mask)
-        i = j + 1
-    pages[0] = npg
+    cdef size_t i = 0, protected = 0
+    cdef unsigned bm
+    cdef uint64_t dirty = 0
+    if not zeroed:
+        # The caller's private buffer, which may hold anything: one memset
+        # first (faster than a store or a read per word in the scan, measured).
+        memset(snap, 0, n * sizeof(uint64_t))
+    while i + 16 <= n:
+        bm = kd_nonzero_mask16(&d[i])
+        while bm:
+            protected += _harvest_slot_word(m, s, d, snap, i + <size_t>kd_ctz32(bm), &dirty)
+            bm &= bm - 1
+        i += 16
+    while i < n:
+        if kd_load_relaxed_u64(&d[i]):
+            protected += _harvest_slot_word(m, s, d, snap, i, &dirty)
+        i += 1
+    pages[0] = dirty
     return protected
 
 
@@ -695,7 +706,7 @@ GET_LOG_HARVEST = LOG_HARVEST
 GET_LOG_COPY = LOG_COPY
 
 cdef uint32_t _USER_MEM_SLOTS = _limits.USER_MEM_SLOTS
-cdef object _np_empty = np.empty
+cdef object _np_zeros = np.zeros
 cdef object _U64 = np.dtype(np.uint64)
 
 
@@ -1327,9 +1338,13 @@ cdef class Mmu:
                                             f"out has {view.shape[0]} words, {n} needed")
                         result = out if <size_t>view.shape[0] == n else out[:n]
                     else:
-                        result = _np_empty(n, _U64)
+                        # Zeroed by calloc (big ones lazily, by the kernel): the
+                        # harvest writes only the dirty words, so only their
+                        # pages of a big new array are ever faulted in.
+                        result = _np_zeros(n, _U64)
                         PyObject_GetBuffer(result, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
                         have_view = True
+                        zeroed = True
                     snap = <uint64_t *>view.buf
                     if n == 0:
                         return result
