@@ -49,6 +49,37 @@ def test_harvest_then_to_gfns_sparse(benchmark, sparse_pages):
     assert (got == sparse_pages).all()
 
 
+def test_harvest_then_to_gfns_sparse_into(benchmark, sparse_pages):
+    """The same into caller-owned buffers reused from call to call (snapshot and gfn list);
+    two dirty sets in turn, so the reused snapshot always holds the other's words."""
+    words, writable = np.zeros(WORDS, np.uint64), np.full(WORDS, ~np.uint64(0))
+    snap, out = np.empty(WORDS, np.uint64), np.empty(len(sparse_pages), np.uint64)
+    other = np.sort(np.random.default_rng(2).choice(PAGES, len(sparse_pages), replace=False)).astype(np.uint64)
+    sets, turn = [sparse_pages, other], [0]
+
+    def run(w):
+        b.harvest(w, snap, writable)
+        return b.to_gfns(snap, 0, out)
+
+    def setup():
+        turn[0] ^= 1
+        return _dirty(words, sets[turn[0]])
+
+    benchmark.extra_info["ops"] = len(sparse_pages)
+    got = benchmark.pedantic(run, setup=setup, rounds=200)
+    assert (got == sets[turn[0]]).all()
+
+
+def test_harvest_gfns_sparse_into(benchmark, sparse_pages):
+    """The fused kernel into a caller-owned gfn array, reused."""
+    words, writable = np.zeros(WORDS, np.uint64), np.full(WORDS, ~np.uint64(0))
+    out = np.empty(len(sparse_pages), np.uint64)
+    benchmark.extra_info["ops"] = len(sparse_pages)
+    got = benchmark.pedantic(lambda w: b.harvest_gfns(w, writable, out=out), setup=lambda: _dirty(words, sparse_pages),
+                             rounds=200)
+    assert (got == sparse_pages).all()
+
+
 def test_harvest_gfns_sparse(benchmark, sparse_pages):
     """The fused kernel: exchange, protect and list in one pass."""
     words, writable = np.zeros(WORDS, np.uint64), np.full(WORDS, ~np.uint64(0))
