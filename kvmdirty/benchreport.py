@@ -514,7 +514,7 @@ def plot(rep: Dict[str, Any], out_dir: str) -> List[Tuple[str, str]]:
         made.append(("Harvest cost: memory size, dirty pages, crossover", "sweeps.png"))
     vc = [c for c in rep.get("vs_c", []) if c["ratio"] is not None]
     if vc:
-        fig, ax = plt.subplots(figsize=(10, 0.32 * len(vc) + 1.2))
+        fig, ax = plt.subplots(figsize=(12, 0.32 * len(vc) + 1.2))
         ys = list(range(len(vc)))[::-1]
         colors = ["tab:green" if c["ok"] else "tab:red" if c["ok"] is False else "tab:gray" for c in vc]
         ax.barh(ys, [c["ratio"] for c in vc], color=colors)
