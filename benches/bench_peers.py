@@ -116,6 +116,16 @@ def test_gfns_ours(benchmark, density):
 
 
 @pytest.mark.parametrize("density", list(DENSITIES))
+def test_gfns_ours_into(benchmark, density):
+    """to_gfns into a caller-owned array reused from call to call (out=): no allocation."""
+    words, pages = _gfns_case(benchmark, density, "ours-into")
+    out = np.empty(len(pages), np.uint64)
+    got = benchmark.pedantic(_bitmap.to_gfns, args=(words, 0, out), rounds=_rounds_for(len(pages), 200, 20),
+                             iterations=1, warmup_rounds=1)
+    assert np.array_equal(got, pages)
+
+
+@pytest.mark.parametrize("density", list(DENSITIES))
 @pytest.mark.parametrize("way", ["nzwords", "unpack"])
 def test_gfns_numpy(benchmark, density, way):
     words, pages = _gfns_case(benchmark, density, "numpy")

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import rounds, set_ops
 from kvmdirty import _mmu, _uapi
 from kvmdirty._ring import DirtyRing
 
@@ -27,6 +28,7 @@ def _mmu_one_slot():
 
 
 def _per_entry(benchmark, n):
+    set_ops(benchmark, n, "entry")
     if not benchmark.stats:          # --benchmark-disable: ran once, nothing timed
         return
     ns = benchmark.stats.stats.median * 1e9 / n
@@ -44,7 +46,7 @@ def test_push_batched(benchmark):
     slots = np.full(N, SLOT, np.uint32)
     offs = np.arange(N, dtype=np.uint64)
     benchmark.pedantic(ring.push_many, args=(slots, offs), setup=lambda: _drain(ring),
-                       rounds=200, warmup_rounds=5)
+                       rounds=rounds(200, 20), warmup_rounds=5)
     assert ring.used == N
     _per_entry(benchmark, N)
 
@@ -59,7 +61,22 @@ def test_collect(benchmark):
         ring.reset()
         ring.push_many(slots, offs)
 
-    benchmark.pedantic(ring.collect, args=(None, bs, bo), setup=setup, rounds=200, warmup_rounds=5)
+    benchmark.pedantic(ring.collect, args=(None, bs, bo), setup=setup, rounds=rounds(200, 20), warmup_rounds=5)
+    assert ring.stats["collected"] >= N
+    _per_entry(benchmark, N)
+
+
+def test_collect_fresh(benchmark):
+    """collect() into new arrays (sized for the whole ring) on every call."""
+    ring = DirtyRing(N)
+    slots = np.full(N, SLOT, np.uint32)
+    offs = np.arange(N, dtype=np.uint64)
+
+    def setup():
+        ring.reset()
+        ring.push_many(slots, offs)
+
+    benchmark.pedantic(ring.collect, setup=setup, rounds=rounds(200, 20), warmup_rounds=5)
     assert ring.stats["collected"] >= N
     _per_entry(benchmark, N)
 
@@ -78,6 +95,6 @@ def test_reset_with_masked_protect(benchmark, pattern):
         ring.push_many(slots, offs)
         ring.collect()
 
-    benchmark.pedantic(ring.reset, args=(mmu,), setup=setup, rounds=200, warmup_rounds=5)
+    benchmark.pedantic(ring.reset, args=(mmu,), setup=setup, rounds=rounds(200, 20), warmup_rounds=5)
     assert ring.used == 0 and ring.stats["dropped"] == 0
     _per_entry(benchmark, N)

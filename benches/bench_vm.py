@@ -42,6 +42,16 @@ def test_get_dirty_log_clean_24g(benchmark):
 
 
 @pytest.mark.benchmark(group="vm-get-dirty-log")
+def test_get_dirty_log_clean_24g_into(benchmark):
+    """The same into a caller-owned bitmap reused from call to call (out=)."""
+    vm, _ = _bitmap_vm()
+    out = np.empty(PAGES_24G // 64, np.uint64)
+    set_ops(benchmark, 1, "call", pages=PAGES_24G, dirty=0)
+    snap = benchmark(vm.get_dirty_log, 0, out)
+    assert snap is out and not snap.any()
+
+
+@pytest.mark.benchmark(group="vm-get-dirty-log")
 def test_get_dirty_log_dirty_24g(benchmark):
     """0.1% dirtied by the guest (write faults) before each call."""
     vm, v = _bitmap_vm()
@@ -57,11 +67,39 @@ def test_get_dirty_log_dirty_24g(benchmark):
 def test_get_dirty_log_to_gfns_24g(benchmark):
     """What a VMM does: harvest, then list the dirty pages (per dirty page)."""
     vm, v = _bitmap_vm()
-    plan = dirty_pages(PAGES_24G, DIRTY)
+    plans = [dirty_pages(PAGES_24G, DIRTY, seed=s) for s in (1, 2)]     # in turn, as the _into case
+    turn = [0]
     set_ops(benchmark, DIRTY, "page", pages=PAGES_24G, dirty=DIRTY)
+
+    def setup():
+        turn[0] ^= 1
+        v.run(plans[turn[0]], 1)
+
     got = benchmark.pedantic(lambda: _bitmap.to_gfns(vm.get_dirty_log(0)),
-                             setup=lambda: v.run(plan, 1) and None, rounds=rounds(100, 10), warmup_rounds=1)
-    assert np.array_equal(got, plan)
+                             setup=setup, rounds=rounds(100, 10), warmup_rounds=1)
+    assert np.array_equal(got, plans[turn[0]])
+
+
+@pytest.mark.benchmark(group="vm-get-dirty-log")
+def test_get_dirty_log_to_gfns_24g_into(benchmark):
+    """The same through the public API into caller-owned buffers, reused (out= on both):
+    what the C baseline's exchange-scan-list does (bench_cbase.py)."""
+    vm, v = _bitmap_vm()
+    # Two dirty sets in turn: the reused snapshot holds the other one's words,
+    # which get_dirty_log must clear (as a real harvest loop's would).
+    plans = [dirty_pages(PAGES_24G, DIRTY, seed=s) for s in (1, 2)]
+    turn = [0]
+    snap = np.empty(PAGES_24G // 64, np.uint64)
+    gfns = np.empty(DIRTY, np.uint64)
+    set_ops(benchmark, DIRTY, "page", pages=PAGES_24G, dirty=DIRTY)
+
+    def setup():
+        turn[0] ^= 1
+        v.run(plans[turn[0]], 1)
+
+    got = benchmark.pedantic(lambda: _bitmap.to_gfns(vm.get_dirty_log(0, snap), 0, gfns),
+                             setup=setup, rounds=rounds(100, 10), warmup_rounds=1)
+    assert np.array_equal(got, plans[turn[0]])
 
 
 @pytest.mark.benchmark(group="vm-clear-dirty-log")
@@ -128,6 +166,25 @@ def test_ring_harvest(benchmark, pattern):
     assert len(got) == RING_DIRTY
 
 
+@pytest.mark.parametrize("pattern", ["consecutive", "random"])
+def test_ring_harvest_into(benchmark, pattern):
+    """The same, collecting into caller-owned arrays reused from harvest to harvest."""
+    vm, v, plan = _ring_vm(pattern)
+    ring = v.dirty_ring
+    bs, bo = np.empty(RING_ENTRIES, np.uint32), np.empty(RING_ENTRIES, np.uint64)
+    benchmark.group = f"vm-ring-harvest-{pattern}"
+    set_ops(benchmark, RING_DIRTY, "entry", pattern=pattern)
+
+    def harvest():
+        _, offsets = ring.collect(None, bs, bo)
+        vm.reset_dirty_rings()
+        return offsets
+
+    got = benchmark.pedantic(harvest, setup=lambda: v.run(plan, 1) and None, rounds=rounds(100, 10),
+                             warmup_rounds=1)
+    assert len(got) == RING_DIRTY
+
+
 # -- Python call overhead ---------------------------------------------------------
 OVERHEAD_CALLS = 500
 
@@ -184,3 +241,12 @@ def test_overhead_get_dirty_log_1page(benchmark):
     vm, _ = _bitmap_vm(size=4096)
     set_ops(benchmark, 1, "call")
     assert len(benchmark(vm.get_dirty_log, 0)) == 1
+
+
+@pytest.mark.benchmark(group="vm-overhead")
+def test_overhead_get_dirty_log_1page_into(benchmark):
+    """vm.get_dirty_log on a clean 1-page slot into a caller-owned 1-word array."""
+    vm, _ = _bitmap_vm(size=4096)
+    out = np.empty(1, np.uint64)
+    set_ops(benchmark, 1, "call")
+    assert benchmark(vm.get_dirty_log, 0, out) is out

@@ -71,8 +71,12 @@ class DirtyRingView(Protocol):
     entries: int
     fetch_index: int
 
-    def collect(self, max_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Harvest in order while flags == DIRTY, marking each RESET; (slots u32, offsets u64)."""
+    def collect(self, max_count: Optional[int] = None, out_slots: Optional[np.ndarray] = None,
+                out_offsets: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Harvest in order while flags == DIRTY, marking each RESET; (slots u32, offsets u64).
+
+        With caller-owned ``out_slots`` / ``out_offsets`` (reused) they are filled instead.
+        """
         ...
 
 
@@ -103,7 +107,9 @@ class VMProtocol(Protocol):
 
     def create_vcpu(self, vcpu_id: int) -> VcpuProtocol: ...
 
-    def get_dirty_log(self, slot: int) -> np.ndarray: ...
+    def get_dirty_log(self, slot: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG; into the caller-owned ``out`` (uint64 words, reused) when given."""
+        ...
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap: np.ndarray) -> None: ...

@@ -88,6 +88,15 @@ class Collector:
         """Add the design's harvest to ``out`` (with _merge) as it goes."""
         raise NotImplementedError
 
+    def _buffer(self, key, n: int, dtype=np.uint64) -> np.ndarray:
+        """A caller-owned output buffer of n items, made once and reused by every harvest
+        (get_dirty_log / collect write into it: nothing is allocated per harvest)."""
+        bufs = self.__dict__.setdefault("_bufs", {})
+        b = bufs.get(key)
+        if b is None or len(b) != n:
+            b = bufs[key] = np.empty(n, dtype)
+        return b
+
     @property
     def problems(self) -> List[str]:
         """Protocol violations seen while harvesting (e.g. a reset count mismatch)."""
@@ -103,8 +112,9 @@ class BitmapCollector(Collector):
     name = "bitmap"
 
     def _harvest_into(self, out: Harvest) -> None:
-        for sid, _base, _n in self.slots:
-            words = self.vm.get_dirty_log(sid)       # harvest + protect + flush
+        for sid, _base, n in self.slots:
+            # harvest + protect + flush, into a bitmap reused from harvest to harvest
+            words = self.vm.get_dirty_log(sid, out=self._buffer(sid, (n + 63) >> 6))
             _merge(out, sid, _bitmap.to_gfns(words, 0))
 
 
@@ -116,7 +126,8 @@ class ClearLogCollector(Collector):
 
     def _harvest_into(self, out: Harvest) -> None:
         for sid, _base, npages in self.slots:
-            words = self.vm.get_dirty_log(sid)       # a copy; nothing cleared yet
+            # a copy, nothing cleared yet (into a reused bitmap)
+            words = self.vm.get_dirty_log(sid, out=self._buffer(sid, (npages + 63) >> 6))
             offs = _bitmap.to_gfns(words, 0)
             if len(offs):
                 # Re-protect exactly what we read; later writes set the bits again.
@@ -137,8 +148,11 @@ class RingCollector(Collector):
         vm.enable_dirty_ring(self.entries)
 
     def _harvest_into(self, out: Harvest) -> None:
-        for v in self.vcpus:
-            s, o = v.dirty_ring.collect()
+        for i, v in enumerate(self.vcpus):
+            ring = v.dirty_ring
+            # Into reused arrays; _group copies out what it keeps.
+            s, o = ring.collect(None, self._buffer(("s", i), ring.entries, np.uint32),
+                                self._buffer(("o", i), ring.entries))
             self._unreset += len(o)
             for sid, offs in _group(s, o).items():
                 _merge(out, sid, offs)
@@ -173,7 +187,7 @@ def _group(slots: np.ndarray, offs: np.ndarray) -> Harvest:
         return {}
     first = int(slots[0])
     if (slots == first).all():
-        return {first: offs.astype(np.uint64, copy=False)}
+        return {first: offs.astype(np.uint64, copy=True)}     # offs may be a reused buffer
     return {int(s): offs[slots == s].astype(np.uint64, copy=False) for s in np.unique(slots)}
 
 

@@ -68,9 +68,12 @@ class KvmDirtyRing:
         # both take (and report) the same entries.
         self._collect_lock = threading.Lock()
 
-    def collect(self, max_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def collect(self, max_count: Optional[int] = None, out_slots: Optional[np.ndarray] = None,
+                out_offsets: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Harvest in order while flags == DIRTY, marking each RESET; (slots u32, offsets u64).
 
+        ``out_slots`` / ``out_offsets``: caller-owned arrays to fill (both or
+        neither), as the simulator's DirtyRing.collect takes them.
         Safe from several threads: each entry goes to exactly one caller.
         """
         from ._ring import collect
@@ -78,7 +81,8 @@ class KvmDirtyRing:
             buf = self._buf
             if buf is None:
                 raise KvmError(errno.EBADF, "collect", "the vCPU is closed")
-            slots, offsets, self.fetch_index = collect(buf, self.fetch_index, max_count)
+            slots, offsets, self.fetch_index = collect(buf, self.fetch_index, max_count,
+                                                       out_slots, out_offsets)
         return slots, offsets
 
     def entries_view(self) -> np.ndarray:
@@ -443,9 +447,30 @@ class KvmVM:
             return v
 
     # -- dirty logging ------------------------------------------------------
-    def get_dirty_log(self, slot: int) -> np.ndarray:
-        """KVM_GET_DIRTY_LOG: ceil(npages/64) uint64 words."""
-        return self._fd("KVM_GET_DIRTY_LOG").get_dirty_log(slot)
+    def get_dirty_log(self, slot: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG: ceil(npages/64) uint64 words.
+
+        ``out``: a caller-owned uint64 array the kernel writes into (and that
+        is returned), as vm.VM.get_dirty_log takes it; its type is checked
+        first, and one shorter than the bitmap fails with EFAULT, taking
+        nothing (the kernel would harvest first and then fail its copy).
+        """
+        ioctl = "KVM_GET_DIRTY_LOG"
+        fd = self._fd(ioctl)
+        if out is not None:
+            validate.out_words(out)
+            sid = _int(slot, "slot", 32)
+            s = self._slots.get(sid)
+            need = (s.size // PAGE_SIZE + 63) // 64 if s is not None else 0
+            if len(out) < need:
+                if self._ring_bytes or not s.flags & _uapi.MEM_LOG_DIRTY_PAGES:
+                    # The kernel fails before copying (ENXIO / ENOENT, in its
+                    # order): let it answer, into a buffer of its own.
+                    fd.get_dirty_log(sid)
+                raise KvmError(errno.EFAULT, ioctl, f"out has {len(out)} words, {need} needed")
+            got = fd.get_dirty_log(sid, out)
+            return got if len(got) == need else got[:need]
+        return fd.get_dirty_log(slot)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap: np.ndarray) -> None:

@@ -159,3 +159,26 @@ def positive_finite(value, name: str) -> float:
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return v
+
+
+def out_words(out, name: str = "out") -> np.ndarray:
+    """A caller-owned output buffer of uint64 words (get_dirty_log, to_gfns, harvest_gfns, ...).
+
+    A numpy array (TypeError otherwise) that is 1-D, uint64, C-contiguous,
+    writable and 8-byte aligned (ValueError otherwise).  Whether it is long
+    enough is the call's own check (EFAULT for the KVM-shaped ioctls, as the
+    kernel answers a short user buffer).
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy uint64 array, got {type(out).__name__}")
+    if out.dtype != np.uint64:
+        raise ValueError(f"{name} must have dtype uint64, got {out.dtype}")
+    if out.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if out.size and out.ctypes.data % 8:
+        raise ValueError(f"{name} must be 8-byte aligned")
+    return out

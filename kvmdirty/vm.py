@@ -41,6 +41,7 @@ MANUAL_PROTECT_ENABLE = _uapi.DIRTY_LOG_MANUAL_PROTECT_ENABLE
 INITIALLY_SET = _uapi.DIRTY_LOG_INITIALLY_SET
 MANUAL_CAPS = MANUAL_PROTECT_ENABLE | INITIALLY_SET
 RING_CAPS = (_uapi.CAP_DIRTY_LOG_RING, _uapi.CAP_DIRTY_LOG_RING_ACQ_REL)
+_LOG_NONE, _LOG_HARVEST, _LOG_COPY = _mmu.GET_LOG_NONE, _mmu.GET_LOG_HARVEST, _mmu.GET_LOG_COPY
 
 #: Faults that can be switched on in the simulated kernel (see kvmdirty._mmu).
 FAULTS = {
@@ -420,38 +421,27 @@ class VM:
             raise KvmError(errno.ENOENT, ioctl, f"slot {slot:#x} does not exist or is not logging")
         return s
 
-    def get_dirty_log(self, slot: int) -> np.ndarray:
+    def get_dirty_log(self, slot: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap (uint64 words).
 
         Without manual protect the bitmap is harvested: each dirty word is
         exchanged with 0, its pages write-protected, TLBs flushed if any.
-        With manual protect the live bitmap is copied unchanged.  If the call
-        fails after taking bits (an interrupt), they are put back.
-        """
-        ioctl = "KVM_GET_DIRTY_LOG"
-        self._check_open(ioctl)
-        slot = validate.u32(slot, "slot")
-        with self._slots_mutex, self.mmu.slots_lock.read():
-            snap = self._get_dirty_log_locked(slot, ioctl)
-        return snap
+        With manual protect the live bitmap is copied unchanged.
 
-    def _get_dirty_log_locked(self, slot: int, ioctl: str) -> np.ndarray:
-        s = self._logged_slot(slot, ioctl)
-        if self.manual_protect:
-            return _bitmap.copy_live(s.dirty[: s.nwords])
-        snap = np.zeros(s.nwords, np.uint64)
-        try:
-            if _mmu.FAULT_FLUSH_BEFORE_PROTECT & self.mmu.faults:
-                self.mmu.flush_remote_tlbs()
-                _bitmap.harvest(s.dirty, snap, self.mmu, zeroed=True, slot=slot)
-            elif _bitmap.harvest(s.dirty, snap, self.mmu, zeroed=True, slot=slot):
-                self.mmu.flush_remote_tlbs()
-        except BaseException:
-            # Pages already protected stay logged: give their bits back, then flush.
-            self.mmu.merge_dirty(slot, snap)
-            self.mmu.flush_remote_tlbs()
-            raise
-        return snap
+        ``out``: as KVM writes into the buffer its caller passes, a
+        caller-owned uint64 array (1-D, C-contiguous, writable) to fill and
+        return instead of a new array; reuse it from call to call.  Its type
+        is checked before anything else (TypeError / ValueError); one shorter
+        than the slot's ceil(npages / 64) words fails with EFAULT after the
+        kernel's own checks, taking nothing.  A longer one gets the bitmap in
+        its first words and the view of them is returned.
+
+        The whole call is compiled (checks, locks, harvest, flush); once a
+        bit is taken nothing can fail.
+        """
+        mode = (_LOG_NONE if self.dirty_ring_size or self.design is not None
+                else _LOG_COPY if self.manual_protect else _LOG_HARVEST)
+        return self.mmu.get_dirty_log(slot, out, mode, self.address_spaces, self._slots_mutex)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap) -> int:
         """KVM_CLEAR_DIRTY_LOG: clear and re-protect the pages set in ``bitmap``.

@@ -37,13 +37,13 @@ from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_CheckExact
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
 from cython.view cimport array as cvarray
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
 from _atomic cimport (kd_xchg_u64, kd_fetch_or_u64, kd_fetch_andnot_u64, kd_load_relaxed_u64,
                       kd_load_acquire_u64, kd_popcount64, kd_ctz64)
-from _scan cimport kd_next_nonzero
+from _scan cimport kd_next_nonzero, kd_nonzero_mask16, kd_ctz32
 from _sink cimport kd_sink, KD_SINK_CAPSULE
 
 # How a harvest hands (word, mask) batches on.
@@ -135,27 +135,40 @@ cdef void _put_back(uint64_t *w, const uint64_t *taken, size_t n) noexcept nogil
             kd_fetch_or_u64(&w[i], taken[i])
 
 
+cdef inline size_t _harvest_word(uint64_t *w, uint64_t *snap, size_t j, _Sink s,
+                                 uint32_t slot) noexcept nogil:
+    # xchg: the one access that decides what this harvest owns; a bit
+    # set after it belongs to the next harvest.  Pairs with the vCPU's
+    # fetch-or in mark-dirty.
+    cdef uint64_t mask = kd_xchg_u64(&w[j], 0)
+    snap[j] = mask
+    if mask:
+        _sink_protect(s, slot, j, mask)
+        return <size_t>kd_popcount64(mask)
+    return 0
+
+
 cdef size_t _harvest(uint64_t *w, uint64_t *snap, size_t n, bint zeroed,
                      _Sink s, uint32_t slot) noexcept nogil:
-    cdef size_t i = 0, j, pages = 0
-    cdef uint64_t mask
-    while True:
-        j = kd_next_nonzero(w, i, n)
-        if not zeroed:
-            while i < j:
-                snap[i] = 0
-                i += 1
-        if j >= n:
-            break
-        # xchg: the one access that decides what this harvest owns; a bit
-        # set after it belongs to the next harvest.  Pairs with the vCPU's
-        # fetch-or in mark-dirty.
-        mask = kd_xchg_u64(&w[j], 0)
-        snap[j] = mask
-        if mask:
-            pages += kd_popcount64(mask)
-            _sink_protect(s, slot, j, mask)
-        i = j + 1
+    # 16 words at a time: one branch per block, the block's dirty words
+    # visited through its non-zero mask (src/_scan.h).
+    cdef size_t i = 0, pages = 0
+    cdef unsigned bm
+    if not zeroed:
+        # A reused snapshot (the caller's private buffer): one memset first,
+        # the fastest way to make its clean words 0 (faster than a store or a
+        # read per word in the scan below, measured).
+        memset(snap, 0, n * sizeof(uint64_t))
+    while i + 16 <= n:
+        bm = kd_nonzero_mask16(&w[i])
+        while bm:
+            pages += _harvest_word(w, snap, i + <size_t>kd_ctz32(bm), s, slot)
+            bm &= bm - 1
+        i += 16
+    while i < n:
+        if kd_load_relaxed_u64(&w[i]):
+            pages += _harvest_word(w, snap, i, s, slot)
+        i += 1
     return pages
 
 
@@ -167,7 +180,9 @@ def harvest(uint64_t[::1] words not None, uint64_t[::1] snapshot not None,
     uint64 buffer of write bits (the mask is and-not'ed into it), an object
     with a ``_kd_sink`` capsule (called as ``protect(slot, word*64, mask)``),
     or a Python callable ``sink(word_index, mask)``.  With ``zeroed=True`` the
-    snapshot is known to be all zeros and only dirty words are written.
+    snapshot is known to be all zeros and only dirty words are written;
+    without it the snapshot may hold anything (a buffer reused from call to
+    call) and ends up equal to the harvested words.
     If the sink raises (KeyboardInterrupt included), every bit taken is put
     back into ``words`` before the exception propagates (the snapshot's
     content is then unspecified).
@@ -290,15 +305,25 @@ cdef void _copy_live(const uint64_t *w, uint64_t *out, size_t n) noexcept nogil:
         out[i] = kd_load_relaxed_u64(&w[i])
 
 
-def copy_live(const uint64_t[::1] words not None):
+def copy_live(const uint64_t[::1] words not None, out=None):
     """A copy of bitmap words that vCPUs may be writing (each read with a relaxed atomic load).
 
     For reading a live bitmap without taking bits (e.g. KVM_GET_DIRTY_LOG with
     manual protect): numpy's copy would race the vCPUs' atomic fetch-or.
+    With ``out`` (a caller-owned uint64 array of at least len(words) words)
+    the copy goes there and ``out[:len(words)]`` is returned.
     """
     cdef size_t n = words.shape[0]
     cdef uint64_t[::1] ov
     _check_aligned(words, "words")
+    if out is not None:
+        ov = _out_words(out)
+        if <size_t>ov.shape[0] < n:
+            raise ValueError(f"out has {ov.shape[0]} words, needs {n}")
+        if n:
+            with nogil:
+                _copy_live(&words[0], &ov[0], n)
+        return out[:n]
     out = np.empty(n, np.uint64)
     if n:
         ov = out
@@ -310,28 +335,36 @@ def copy_live(const uint64_t[::1] words not None):
 cdef struct GfnBuf:
     uint64_t *p
     size_t n, cap
+    bint fixed          # p is the caller's out buffer: never grown, never freed
 
 
-cdef int _buf_push_word(GfnBuf *b, uint64_t base, size_t word, uint64_t m) noexcept nogil:
-    """Append base + word*64 + each set bit of m; -1 if out of memory."""
-    cdef size_t need = b.n + <size_t>kd_popcount64(m), cap
+cdef inline int _buf_push_word(GfnBuf *b, uint64_t base, size_t word, uint64_t m) noexcept nogil:
+    """Append base + word*64 + each set bit of m; -1 if out of memory (or room, fixed)."""
+    cdef size_t need, cap
     cdef uint64_t *p
+    cdef uint64_t *start
     cdef uint64_t first
-    if need > b.cap:
-        cap = b.cap * 2 if b.cap * 2 > need else need + 1024
-        p = <uint64_t *>realloc(b.p, cap * sizeof(uint64_t))
-        if p == NULL:
-            return -1
-        b.p = p
-        b.cap = cap
+    if b.cap - b.n < 64:
+        # Maybe short of room: count first (with room for a whole word, no count).
+        need = b.n + <size_t>kd_popcount64(m)
+        if need > b.cap:
+            if b.fixed:
+                return -1
+            cap = b.cap * 2 if b.cap * 2 > need else need + 1024
+            p = <uint64_t *>realloc(b.p, cap * sizeof(uint64_t))
+            if p == NULL:
+                return -1
+            b.p = p
+            b.cap = cap
     # A local cursor: stores through it cannot alias b, so nothing is reloaded per bit.
     p = b.p + b.n
+    start = p
     first = base + (<uint64_t>word << 6)
     while m:
         p[0] = first + <uint64_t>kd_ctz64(m)
         p += 1
         m &= m - 1
-    b.n = need
+    b.n += <size_t>(p - start)
     return 0
 
 
@@ -384,48 +417,102 @@ cdef inline void _buf_init(GfnBuf *b, size_t nwords) noexcept nogil:
     b.p = NULL
     b.n = 0
     b.cap = 0
+    b.fixed = False
     if nwords:
         b.p = <uint64_t *>malloc(nwords * sizeof(uint64_t))
         if b.p != NULL:
             b.cap = nwords
 
 
+cdef inline int _list_word(uint64_t *w, size_t i, uint64_t base, GfnBuf *b, bint take,
+                           _Sink s, uint32_t slot) noexcept nogil:
+    cdef uint64_t mask
+    if take:
+        # xchg pairs with the vCPU's fetch-or, as in _harvest.
+        mask = kd_xchg_u64(&w[i], 0)
+        if mask:
+            _sink_protect(s, slot, i, mask)
+    else:
+        # Relaxed: the words may be live; a bit set after this read is not listed.
+        mask = kd_load_relaxed_u64(&w[i])
+    if mask and _buf_push_word(b, base, i, mask):
+        if take:
+            kd_fetch_or_u64(&w[i], mask)     # keep what we could not list
+        return -1
+    return 0
+
+
 cdef int _list_gfns(uint64_t *w, size_t n, uint64_t base, GfnBuf *b, bint take,
                     _Sink s, uint32_t slot) noexcept nogil:
     """Append the page of every set bit to b; with ``take`` also exchange each
-    non-zero word with 0 and hand it to the sink (a harvest).  -1 if out of memory."""
+    non-zero word with 0 and hand it to the sink (a harvest).  -1 if out of memory.
+
+    16 words at a time, the block's dirty words visited through its non-zero
+    mask (one data-dependent branch per block, src/_scan.h)."""
     cdef size_t i = 0
-    cdef uint64_t mask
-    while True:
-        i = kd_next_nonzero(w, i, n)
-        if i >= n:
-            return 0
-        if take:
-            # xchg pairs with the vCPU's fetch-or, as in _harvest.
-            mask = kd_xchg_u64(&w[i], 0)
-            if mask:
-                _sink_protect(s, slot, i, mask)
-        else:
-            # Relaxed: the words may be live; a bit set after this read is not listed.
-            mask = kd_load_relaxed_u64(&w[i])
-        if mask and _buf_push_word(b, base, i, mask):
-            if take:
-                kd_fetch_or_u64(&w[i], mask)     # keep what we could not list
+    cdef unsigned bm
+    while i + 16 <= n:
+        bm = kd_nonzero_mask16(&w[i])
+        while bm:
+            if _list_word(w, i + <size_t>kd_ctz32(bm), base, b, take, s, slot):
+                return -1
+            bm &= bm - 1
+        i += 16
+    while i < n:
+        if kd_load_relaxed_u64(&w[i]) and _list_word(w, i, base, b, take, s, slot):
             return -1
         i += 1
+    return 0
 
 
-def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
+cdef object _validate_out = None
+
+
+cdef object _out_words(object out):
+    """A caller-owned uint64 output array, checked by kvmdirty.validate.out_words."""
+    global _validate_out
+    if _validate_out is None:
+        # Imported on first use: kvmdirty.validate is above this module.
+        from kvmdirty.validate import out_words
+        _validate_out = out_words
+    return _validate_out(out, "out")
+
+
+cdef inline void _buf_fixed(GfnBuf *b, uint64_t[::1] ov) noexcept:
+    b.p = &ov[0] if ov.shape[0] else NULL
+    b.n = 0
+    b.cap = ov.shape[0]
+    b.fixed = True
+
+
+cdef object _too_short(size_t cap, size_t need):
+    return ValueError(f"out has room for {cap} pages, {need} are set")
+
+
+def to_gfns(const uint64_t[::1] words not None, uint64_t base=0, out=None):
     """The set bits as a uint64 numpy array of page numbers (``base`` + bit index), ascending.
 
     One pass: zero words are skipped by the hint scan, the rest expanded with
-    count-trailing-zeros into a growing buffer.
+    count-trailing-zeros into a growing buffer.  With ``out`` (a caller-owned
+    uint64 array, reused from call to call) the pages are written there and
+    the view ``out[:count]`` is returned: nothing is allocated.  If they do
+    not fit, ValueError (``words`` is only read; ``out`` is then unspecified).
     """
     cdef size_t n = words.shape[0]
     cdef GfnBuf b
     cdef int err = 0
+    cdef uint64_t[::1] ov
     cdef _Sink none = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
+    if out is not None:
+        ov = _out_words(out)
+        _buf_fixed(&b, ov)
+        if n:
+            with nogil:
+                err = _list_gfns(<uint64_t *>&words[0], n, base, &b, False, none, 0)
+        if err:
+            raise _too_short(b.cap, popcount(words))
+        return out[:b.n]
     _buf_init(&b, n)
     try:
         if n:
@@ -440,24 +527,31 @@ def to_gfns(const uint64_t[::1] words not None, uint64_t base=0):
 
 
 def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
-                 *, unsigned int slot=0):
+                 *, unsigned int slot=0, out=None):
     """Harvest and expand in one pass: exchange each non-zero word with 0, protect, list its pages.
 
     The same as :func:`harvest` followed by :func:`to_gfns` on the snapshot,
     without materialising the snapshot.  Returns a uint64 array of
-    ``base`` + page index, ascending.
+    ``base`` + page index, ascending; with ``out`` (a caller-owned uint64
+    array, reused) the view ``out[:count]`` of it.
 
-    On any failure (MemoryError growing the list, a raising Python sink,
-    KeyboardInterrupt) every page taken is put back into ``words`` first.
+    On any failure (MemoryError growing the list, pages that do not fit in
+    ``out`` (ValueError), a raising Python sink, KeyboardInterrupt) every
+    page taken is put back into ``words`` first.
     """
     cdef size_t n = words.shape[0], i
     cdef uint64_t mask
     cdef GfnBuf b
     cdef int err = 0
+    cdef uint64_t[::1] ov
     cdef _Sink s = _Sink(_SINK_TOKEN)
     _check_aligned(words, "words")
     s.resolve(sink, n)
-    _buf_init(&b, n)
+    if out is not None:
+        ov = _out_words(out)
+        _buf_fixed(&b, ov)
+    else:
+        _buf_init(&b, n)
     try:
         if s.kind == SINK_PY:
             for i in range(n):
@@ -475,15 +569,20 @@ def harvest_gfns(uint64_t[::1] words not None, sink=None, uint64_t base=0,
                 # On -1 the word that did not fit is already back in words.
                 err = _list_gfns(&words[0], n, base, &b, True, s, slot)
         if err:
+            if b.fixed:
+                raise _too_short(b.cap, b.n + popcount(words))
             raise MemoryError()
+        if b.fixed:
+            return out[:b.n]
         return _buf_to_array(&b)
     except BaseException:
-        if b.p != NULL:
+        if b.p != NULL and b.n:
             with nogil:
                 _put_back_gfns(&words[0], base, &b)
         raise
     finally:
-        free(b.p)                 # NULL once numpy owns it
+        if not b.fixed:
+            free(b.p)             # NULL once numpy owns it
 
 
 def set_bit(uint64_t[::1] words not None, uint64_t nr):
@@ -577,10 +676,32 @@ cdef class DirtyBitmap:
             raise IndexError(f"page {int(a.max())} out of range [0, {self.npages})")
         return set_bits(self._w, a)
 
-    def harvest(self, sink=None, *, unsigned int slot=0):
-        """Take every dirty bit (xchg to 0); return the snapshot as a new uint64 array."""
+    def harvest(self, sink=None, *, unsigned int slot=0, out=None):
+        """Take every dirty bit (xchg to 0); return the snapshot as a new uint64 array.
+
+        With ``out`` (a caller-owned uint64 array of at least ``nwords``
+        words, reused from call to call) the snapshot is written there and
+        ``out[:nwords]`` is returned.
+        """
         cdef uint64_t[::1] sv
-        snap = np.zeros(self._w.shape[0], dtype=np.uint64)
+        cdef size_t n = self._w.shape[0]
+        cdef _Sink s
+        if out is not None:
+            sv = _out_words(out)
+            if <size_t>sv.shape[0] < n:
+                raise ValueError(f"out has {sv.shape[0]} words, needs {n}")
+            snap = out[:n]
+            s = _Sink(_SINK_TOKEN)
+            s.resolve(sink, n)
+            if s.kind != SINK_PY:
+                # The compiled loop cannot fail: nothing to put back.
+                if n:
+                    with nogil:
+                        _harvest(&self._w[0], &sv[0], n, False, s, slot)
+                return snap
+            snap.fill(0)          # a Python sink may fail: put back exactly what was taken
+        else:
+            snap = np.zeros(n, dtype=np.uint64)
         try:
             harvest(self._w, snap, sink, zeroed=True, slot=slot)
         except BaseException:
@@ -601,8 +722,9 @@ cdef class DirtyBitmap:
         m = np.ascontiguousarray(masks, dtype=np.uint64)
         return clear_masked(self._w, m, first_page // 64, None, sink, slot=slot)
 
-    def to_gfns(self, base=0):
-        return to_gfns(self._w, base)
+    def to_gfns(self, base=0, out=None):
+        """The dirty pages, ascending (see the module's to_gfns; ``out`` as there)."""
+        return to_gfns(self._w, base, out)
 
     def popcount(self):
         return popcount(self._w)

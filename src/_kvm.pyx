@@ -525,16 +525,22 @@ cdef class Vm(_Fd):
             (<Mapping>old[1])._unpin()
         self._maybe_release_memory()     # the VM may have been closed during the ioctl
 
-    def get_dirty_log(self, slot) -> np.ndarray:
-        """KVM_GET_DIRTY_LOG into a new uint64 array of ceil(npages/64) words."""
+    def get_dirty_log(self, slot, out=None) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG into a new uint64 array of ceil(npages/64) words,
+        or into ``out`` (a caller-owned uint64 array the caller has checked:
+        kvmdirty.kvm.KvmVM.get_dirty_log), which is returned."""
         cdef kvm_dirty_log log
         cdef uint32_t s = _u32(slot, "slot")
+        cdef uint64_t[::1] view
         entry = self.slots.get(s)
         # An unknown slot cannot succeed (only this object creates slots on this
         # fd): the kernel fails before copying, so one scratch word is enough.
         nwords = 1 if entry is None else max(1, (entry[0] + 63) // 64)
-        out = np.zeros(nwords, dtype=np.uint64)
-        cdef uint64_t[::1] view = out
+        if out is not None and entry is not None and len(out) >= nwords:
+            view = out
+        else:
+            out = np.zeros(nwords, dtype=np.uint64)
+            view = out
         memset(&log, 0, sizeof(log))
         log.slot = s
         log.dirty_bitmap = &view[0]

@@ -24,20 +24,25 @@ cached list; a flush frees exactly the chunks on that list.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_CheckExact
 from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE,
+                             PyBUF_C_CONTIGUOUS, PyBUF_FORMAT)
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, realloc, free
-from libc.string cimport memmove
+from libc.string cimport memmove, memset
 
 import errno
 import os
 import weakref
+
+import numpy as np
 
 from _atomic cimport (kd_load_acquire_u32, kd_store_release_u32, kd_store_seqcst_u32,
                       kd_store_relaxed_u32, kd_fetch_or_u32, kd_fetch_andnot_u32,
                       kd_load_relaxed_u64, kd_store_relaxed_u64, kd_fetch_or_u64,
                       kd_fetch_andnot_u64, kd_fetch_add_relaxed_u64,
                       kd_load_acquire_ptr, kd_store_release_ptr, kd_smp_mb, kd_cpu_relax,
-                      kd_ctz64, kd_clz64)
+                      kd_ctz64, kd_clz64, kd_popcount64, kd_xchg_u64)
+from _scan cimport kd_nonzero_mask16, kd_ctz32
 from _sink cimport (kd_sink, kd_tracker, kd_owned_capsule, KD_SINK_CAPSULE, KD_RING_CAPSULE,
                     KD_TRACKER_CAPSULE, KD_NO_VCPU)
 from _ringcore cimport kd_ring, kd_ring_push, kd_ring_used, KD_PUSH_SOFT_FULL, KD_PUSH_FULL
@@ -45,6 +50,7 @@ from _uapi cimport (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_EXIT_HLT, KVM
                     KVM_EXIT_DIRTY_RING_FULL)
 
 from kvmdirty.errors import KvmError
+from kvmdirty import limits as _limits, validate as _validate
 
 # vCPU mode, as vcpu->mode
 cdef enum:
@@ -343,15 +349,16 @@ cdef inline uint64_t _range_mask(uint64_t mask) noexcept nogil:
     return (((<uint64_t>1) << (hi - lo + 1)) - 1) << lo
 
 
-cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexcept nogil:
-    """Masked write-protect of pages first + set bits of mask (kvm_arch_mmu_enable_log_dirty_pt_masked).
+cdef inline void _count_protects(kd_mmu *m, uint64_t n) noexcept nogil:
+    """Statistics only (nothing decides on it).  A relaxed load and store, not a
+    locked add per batch: every protector of a VM holds its slots mutex (the
+    dirty-log and ring-reset ioctls), so the count is exact there; protectors
+    not serialised (direct kernel calls from several threads) may lose a count."""
+    kd_store_relaxed_u64(&m.protects, kd_load_relaxed_u64(&m.protects) + n)
 
-    Dropped, as kvm_reset_dirty_gfn drops it, if the slot does not exist or the
-    mask runs past its end.  first need not be 64-aligned (ring reset batches
-    are not); the mask then spans two W words.  The caller holds the slots lock.
-    """
-    cdef kd_mmu *m = <kd_mmu *>ctx
-    cdef kd_slot *s = _slot_by_id(m, sid)
+
+cdef inline int _protect_slot(kd_mmu *m, kd_slot *s, uint64_t first, uint64_t mask) noexcept nogil:
+    """_protect without the slot lookup and the count (returns 1 applied, 0 dropped)."""
     cdef uint64_t w, sh
     if mask == 0:
         return 1
@@ -369,8 +376,67 @@ cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexce
     kd_fetch_andnot_u64(&s.writable[w], mask << sh)
     if sh and (mask >> (64 - sh)):
         kd_fetch_andnot_u64(&s.writable[w + 1], mask >> (64 - sh))
-    kd_fetch_add_relaxed_u64(&m.protects, 1)
     return 1
+
+
+cdef int _protect(void *ctx, uint32_t sid, uint64_t first, uint64_t mask) noexcept nogil:
+    """Masked write-protect of pages first + set bits of mask (kvm_arch_mmu_enable_log_dirty_pt_masked).
+
+    Dropped, as kvm_reset_dirty_gfn drops it, if the slot does not exist or the
+    mask runs past its end.  first need not be 64-aligned (ring reset batches
+    are not); the mask then spans two W words.  The caller holds the slots lock.
+    """
+    cdef kd_mmu *m = <kd_mmu *>ctx
+    if mask == 0:
+        return 1
+    if _protect_slot(m, _slot_by_id(m, sid), first, mask):
+        _count_protects(m, 1)
+        return 1
+    return 0
+
+
+cdef inline size_t _harvest_slot_word(kd_mmu *m, kd_slot *s, uint64_t *d, uint64_t *snap,
+                                      size_t j, uint64_t *dirty) noexcept nogil:
+    # xchg: the one access that decides what this harvest owns; pairs with
+    # the vCPU's fetch-or in mark-dirty (_mark_dirty).
+    cdef uint64_t mask = kd_xchg_u64(&d[j], 0)
+    snap[j] = mask
+    if mask == 0:
+        return 0
+    dirty[0] |= mask
+    return <size_t>_protect_slot(m, s, <uint64_t>j << 6, mask)
+
+
+cdef size_t _harvest_slot(kd_mmu *m, kd_slot *s, uint64_t *d, uint64_t *snap, size_t n,
+                          bint zeroed, uint64_t *pages) noexcept nogil:
+    """KVM_GET_DIRTY_LOG's harvest of one slot (the numbered protocol of kvmdirty._bitmap):
+    exchange each non-zero dirty word with 0 into snap, protect its pages.
+
+    16 words at a time (one branch per block, its dirty words visited through
+    its non-zero mask, src/_scan.h).  Without ``zeroed`` the snapshot may hold
+    anything (a reused buffer) and ends up equal to the harvested words.  Returns the words
+    protected; ``pages`` is non-zero iff anything was dirty (the caller then
+    flushes TLBs).
+    """
+    cdef size_t i = 0, protected = 0
+    cdef unsigned bm
+    cdef uint64_t dirty = 0
+    if not zeroed:
+        # The caller's private buffer, which may hold anything: one memset
+        # first (faster than a store or a read per word in the scan, measured).
+        memset(snap, 0, n * sizeof(uint64_t))
+    while i + 16 <= n:
+        bm = kd_nonzero_mask16(&d[i])
+        while bm:
+            protected += _harvest_slot_word(m, s, d, snap, i + <size_t>kd_ctz32(bm), &dirty)
+            bm &= bm - 1
+        i += 16
+    while i < n:
+        if kd_load_relaxed_u64(&d[i]):
+            protected += _harvest_slot_word(m, s, d, snap, i, &dirty)
+        i += 1
+    pages[0] = dirty
+    return protected
 
 
 cdef void _flush_remote_tlbs(kd_mmu *m) noexcept nogil:
@@ -628,6 +694,42 @@ cdef int _run(kd_mmu *m, kd_vcpu *v, const uint64_t *gfns, const uint64_t *vals,
 
 cdef object _vm_error(int err, str ioctl, str detail):
     return KvmError(err, ioctl, detail)
+
+
+# get_dirty_log modes (vm.VM decides which from its caps)
+cdef enum:
+    LOG_NONE = 0        # ring-only VM or a seed design: ENXIO
+    LOG_HARVEST = 1     # exchange, protect, flush
+    LOG_COPY = 2        # manual protect: copy the live bitmap
+GET_LOG_NONE = LOG_NONE
+GET_LOG_HARVEST = LOG_HARVEST
+GET_LOG_COPY = LOG_COPY
+
+cdef uint32_t _USER_MEM_SLOTS = _limits.USER_MEM_SLOTS
+cdef object _np_zeros = np.zeros
+cdef object _U64 = np.dtype(np.uint64)
+
+
+cdef int _out_view(object out, Py_buffer *view) except -1:
+    """Export a caller-owned output buffer as validate.out_words accepts it (its
+    errors, raised by it, for anything else); released by the caller."""
+    cdef const char *f
+    if not isinstance(out, np.ndarray):
+        _validate.out_words(out)
+        raise TypeError("out must be a numpy uint64 array")
+    try:
+        PyObject_GetBuffer(out, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    except (BufferError, ValueError, TypeError):
+        _validate.out_words(out)
+        raise
+    f = view.format
+    if (view.ndim != 1 or view.itemsize != 8 or (<size_t>view.buf) & 7 or f == NULL
+            or not ((f[0] == c'Q' or f[0] == c'L') and f[1] == 0
+                    or (f[0] == c'<' or f[0] == c'=' or f[0] == c'@') and (f[1] == c'Q' or f[1] == c'L') and f[2] == 0)):
+        PyBuffer_Release(view)
+        _validate.out_words(out)
+        raise ValueError("out must be a writable, C-contiguous, aligned 1-D uint64 array")
+    return 0
 
 
 cdef class VcpuCore:
@@ -1183,6 +1285,105 @@ cdef class Mmu:
                 if words[i]:
                     kd_fetch_or_u64(&d[first_word + i], words[i])
 
+    def get_dirty_log(self, slot, out, int mode, uint32_t address_spaces, mutex):
+        """KVM_GET_DIRTY_LOG, compiled end to end for vm.VM.get_dirty_log (its docstring is the contract).
+
+        Checks and errno in KVM's order (EIO/EBADF, then the argument checks of
+        kvmdirty.validate, then under ``mutex`` (kvm->slots_lock) and the
+        slots lock's read side: ENXIO for ``mode`` LOG_NONE, EINVAL for the
+        slot id, ENOENT, EFAULT for an ``out`` shorter than the bitmap).
+        ``mode``: LOG_HARVEST (exchange, protect, flush) or LOG_COPY (manual
+        protect: a relaxed copy).  ``out``: None (a new array) or a
+        caller-owned uint64 array, filled and returned (its first nwords
+        words when longer).  Nothing can fail once a bit is taken.
+        """
+        cdef Py_buffer view
+        cdef bint have_view = False
+        cdef uint32_t s32
+        cdef kd_slot *ks
+        cdef uint64_t *d
+        cdef uint64_t *snap
+        cdef uint64_t pages = 0
+        cdef size_t n, i, retired
+        cdef kd_mmu *m = self.m
+        cdef bint zeroed = False, early
+        self._check_live("KVM_GET_DIRTY_LOG")
+        if type(slot) is int and 0 <= slot <= 0xFFFFFFFF:
+            s32 = slot
+        else:
+            s32 = _validate.u32(slot, "slot")
+        if out is not None:
+            _out_view(out, &view)
+            have_view = True
+        try:
+            mutex.acquire()
+            try:
+                _read_lock(m)
+                try:
+                    if mode == LOG_NONE:
+                        raise _vm_error(errno.ENXIO, "KVM_GET_DIRTY_LOG",
+                                        "this VM does not log into KVM's dirty bitmaps")
+                    if (s32 >> 16) >= address_spaces or (s32 & 0xFFFF) >= _USER_MEM_SLOTS:
+                        raise _vm_error(errno.EINVAL, "KVM_GET_DIRTY_LOG",
+                                        f"address space {s32 >> 16} / slot id {s32 & 0xFFFF} out of range")
+                    ks = _slot_by_id(m, s32)
+                    d = <uint64_t *>kd_load_acquire_ptr(<void **>&ks.dirty) if ks != NULL else NULL
+                    if d == NULL:
+                        raise _vm_error(errno.ENOENT, "KVM_GET_DIRTY_LOG",
+                                        f"slot {s32:#x} does not exist or is not logging")
+                    n = <size_t>((ks.npages + 63) >> 6)
+                    if have_view:
+                        if <size_t>view.shape[0] < n:
+                            raise _vm_error(errno.EFAULT, "KVM_GET_DIRTY_LOG",
+                                            f"out has {view.shape[0]} words, {n} needed")
+                        result = out if <size_t>view.shape[0] == n else out[:n]
+                    else:
+                        # Zeroed by calloc (big ones lazily, by the kernel): the
+                        # harvest writes only the dirty words, so only their
+                        # pages of a big new array are ever faulted in.
+                        result = _np_zeros(n, _U64)
+                        PyObject_GetBuffer(result, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+                        have_view = True
+                        zeroed = True
+                    snap = <uint64_t *>view.buf
+                    if n == 0:
+                        return result
+                    if mode == LOG_COPY:
+                        with nogil:
+                            for i in range(n):
+                                # Relaxed: vCPUs may be setting bits (fetch-or); a bit
+                                # set after this read is simply not in the copy.
+                                snap[i] = kd_load_relaxed_u64(&d[i])
+                        return result
+                    retired = len(self._retired)
+                    early = (m.faults & F_FLUSH_BEFORE_PROTECT) != 0
+                    with nogil:
+                        if early:
+                            _flush_remote_tlbs(m)       # the deliberate bug: before protecting
+                        # 1-2: exchange and protect; 3: flush (if anything was dirty);
+                        # 4: the caller gets the snapshot only after that.
+                        i = _harvest_slot(m, ks, d, snap, n, zeroed, &pages)
+                        if pages and not early:
+                            _flush_remote_tlbs(m)
+                    if i:
+                        _count_protects(m, i)
+                    if pages or early:
+                        self._trim_retired(retired)
+                    return result
+                finally:
+                    _read_unlock(m)
+            finally:
+                mutex.release()
+        finally:
+            if have_view:
+                PyBuffer_Release(&view)
+
+    cdef void _trim_retired(self, size_t retired):
+        # After a completed flush, every vCPU in guest mode passed a request check
+        # since it began, i.e. finished any write that loaded a pointer retired before it.
+        if retired and not (self.m.faults & (F_SKIP_FLUSH | F_NO_FLUSH_WAIT)):
+            del self._retired[:retired]
+
     def set_tracker(self, tracker):
         """Log through a seed-era design (an object with a ``_kd_tracker`` capsule), or None for KVM's own."""
         cdef kd_tracker *t = NULL
@@ -1241,10 +1442,7 @@ cdef class Mmu:
             raise _vm_error(errno.EIO, "flush", "the VM belongs to the parent process")
         with nogil:
             _flush_remote_tlbs(self.m)
-        if not (self.m.faults & (F_SKIP_FLUSH | F_NO_FLUSH_WAIT)):
-            # Every vCPU in guest mode passed a request check since the flush
-            # began, i.e. finished any write that loaded a pointer retired before it.
-            del self._retired[:retired]
+        self._trim_retired(retired)
 
     property log_every_write:
         def __get__(self):

@@ -58,26 +58,41 @@ cdef enum:
 
 
 # Rings being collected right now, as [start, end) byte ranges: a second
-# collector of the same entries is refused (guarded by the GIL).
-cdef list _collecting = []
+# collector of the same entries is refused.  A C table (read and written with
+# the GIL held, so check-and-add is one step), not a Python list: a one-entry
+# collect must cost well under a microsecond.
+cdef enum:
+    MAX_CLAIMS = 4096
+cdef uintptr_t _claims[2 * MAX_CLAIMS]
+cdef size_t _nclaims = 0
 
 
-cdef object _claim(uintptr_t start, size_t nbytes):
+cdef int _claim(uintptr_t start, size_t nbytes) except -1:
     """Register [start, start + nbytes) as being collected; RuntimeError if it overlaps one."""
+    global _nclaims
     cdef uintptr_t end = start + nbytes
-    for a, b in _collecting:
-        if start < b and a < end:
+    cdef size_t i
+    for i in range(_nclaims):
+        if start < _claims[2 * i + 1] and _claims[2 * i] < end:
             raise RuntimeError("another thread is already collecting this ring")
-    claim = (start, end)
-    _collecting.append(claim)
-    return claim
+    if _nclaims == MAX_CLAIMS:
+        raise RuntimeError(f"more than {MAX_CLAIMS} rings are being collected at once")
+    _claims[2 * _nclaims] = start
+    _claims[2 * _nclaims + 1] = end
+    _nclaims += 1
+    return 0
 
 
-cdef void _unclaim(object claim) noexcept:
-    try:
-        _collecting.remove(claim)
-    except BaseException:      # cannot fail: the claim is in the list
-        pass
+cdef void _unclaim(uintptr_t start) noexcept:
+    """Drop the claim starting at ``start`` (GIL held)."""
+    global _nclaims
+    cdef size_t i
+    for i in range(_nclaims):
+        if _claims[2 * i] == start:
+            _nclaims -= 1
+            _claims[2 * i] = _claims[2 * _nclaims]
+            _claims[2 * i + 1] = _claims[2 * _nclaims + 1]
+            return
 
 
 class RingFullError(RuntimeError):
@@ -100,6 +115,8 @@ cdef object _uint(object v, str name, object limit):
 cdef size_t _max_count(object max_count, size_t cap) except? 0:
     if max_count is None:
         return cap
+    if type(max_count) is int and 0 <= max_count <= 0xFFFFFFFF:
+        return cap if <size_t>max_count > cap else <size_t>max_count
     mc = _uint(max_count, "max_count", _U64_MAX)
     return cap if mc > cap else <size_t>mc
 
@@ -110,6 +127,41 @@ cdef object _out_array(object a, object dtype, str name):
     if a.dtype != dtype or a.ndim != 1 or not a.flags.c_contiguous or not a.flags.writeable:
         raise ValueError(f"{name} must be a writable, C-contiguous 1-D {np.dtype(dtype)} array")
     return a
+
+
+cdef object _np_empty = np.empty
+cdef object _U32 = np.dtype(np.uint32)
+cdef object _U64 = np.dtype(np.uint64)
+cdef object _ndarray = np.ndarray
+
+
+cdef int _out_buf(object a, Py_buffer *view, Py_ssize_t itemsize, object dtype, str name) except -1:
+    """Export a caller-owned output array (as _out_array accepts it, with its errors);
+    the caller releases ``view``.  Checked through the buffer protocol: no
+    Python attribute lookups on the hot path."""
+    cdef const char *f
+    if not isinstance(a, _ndarray):
+        _out_array(a, dtype, name)
+    try:
+        PyObject_GetBuffer(a, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    except (BufferError, ValueError, TypeError):
+        _out_array(a, dtype, name)
+        raise
+    f = view.format
+    if f != NULL and (f[0] == c'<' or f[0] == c'=' or f[0] == c'@'):
+        f += 1
+    if (view.ndim != 1 or view.itemsize != itemsize or (<uintptr_t>view.buf) % itemsize or f == NULL
+            or f[1] != 0 or not (f[0] == c'I' or f[0] == c'L' or f[0] == c'Q')):
+        PyBuffer_Release(view)
+        _out_array(a, dtype, name)
+        raise ValueError(f"{name} must be a writable, C-contiguous 1-D {np.dtype(dtype)} array")
+    return 0
+
+
+cdef int _new_buf(object a, Py_buffer *view) except -1:
+    """Export an array this module just made (known good)."""
+    PyObject_GetBuffer(a, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+    return 0
 
 
 cdef class DirtyRing:
@@ -335,44 +387,64 @@ cdef class DirtyRing:
         """Harvest from fetch_index on, in order, while flags == DIRTY, marking each RESET.
 
         Returns (slots uint32, offsets uint64).  With ``out_slots`` /
-        ``out_offsets`` (both or neither) they are filled and views of the
-        filled part are returned; at most min(len(out), max_count) entries.
+        ``out_offsets`` (both or neither: caller-owned arrays, reused from
+        call to call) they are filled and returned (views of the filled part
+        when it is shorter); at most min(len(out), max_count) entries.
         """
-        cdef uint32_t[::1] vs
-        cdef uint64_t[::1] vo
-        cdef size_t cap = self.r.size, n
-        cdef bint relaxed
+        cdef Py_buffer vs, vo
+        cdef bint have_s = False, have_o = False, relaxed
+        cdef size_t cap = self.r.size, n = 0
+        cdef uintptr_t start
         if (out_slots is None) != (out_offsets is None):
             raise ValueError("give both out_slots and out_offsets, or neither")
-        if out_slots is not None:
-            a_s = _out_array(out_slots, np.uint32, "out_slots")
-            a_o = _out_array(out_offsets, np.uint64, "out_offsets")
-            cap = min(cap, a_s.shape[0], a_o.shape[0])
-        cap = _max_count(max_count, cap)
-        self._enter(BUSY_COLLECT)
         try:
-            if out_slots is None:
-                a_s = np.empty(cap, np.uint32)
-                a_o = np.empty(cap, np.uint64)
-            if cap == 0:
-                return a_s[:0], a_o[:0]
-            vs, vo = a_s, a_o
-            claim = _claim(<uintptr_t>self.r.gfns, self.r.size * sizeof(kvm_dirty_gfn))
-            # Read under the GIL: another thread may flip the knob meanwhile.
-            relaxed = self._relaxed_collect
+            if out_slots is not None:
+                _out_buf(out_slots, &vs, 4, np.uint32, "out_slots")
+                have_s = True
+                _out_buf(out_offsets, &vo, 8, np.uint64, "out_offsets")
+                have_o = True
+                if <size_t>vs.shape[0] < cap:
+                    cap = vs.shape[0]
+                if <size_t>vo.shape[0] < cap:
+                    cap = vo.shape[0]
+                a_s, a_o = out_slots, out_offsets
+            cap = _max_count(max_count, cap)
+            self._enter(BUSY_COLLECT)
             try:
-                with nogil:
-                    if relaxed:
-                        n = kd_ring_collect_relaxed(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
-                    else:
-                        n = kd_ring_collect(self.r.gfns, self.r.size, self._fetch, &vs[0], &vo[0], cap)
+                if out_slots is None:
+                    a_s = _np_empty(cap, _U32)
+                    a_o = _np_empty(cap, _U64)
+                    _new_buf(a_s, &vs)
+                    have_s = True
+                    _new_buf(a_o, &vo)
+                    have_o = True
+                if cap == 0:
+                    return a_s[:0], a_o[:0]
+                start = <uintptr_t>self.r.gfns
+                _claim(start, self.r.size * sizeof(kvm_dirty_gfn))
+                # Read under the GIL: another thread may flip the knob meanwhile.
+                relaxed = self._relaxed_collect
+                try:
+                    # vs / vo stay exported until the finally below.
+                    with nogil:
+                        if relaxed:
+                            n = kd_ring_collect_relaxed(self.r.gfns, self.r.size, self._fetch,
+                                                        <uint32_t *>vs.buf, <uint64_t *>vo.buf, cap)
+                        else:
+                            n = kd_ring_collect(self.r.gfns, self.r.size, self._fetch,
+                                                <uint32_t *>vs.buf, <uint64_t *>vo.buf, cap)
+                finally:
+                    _unclaim(start)
+                self._fetch += <uint32_t>n
+                self._collected += n
             finally:
-                _unclaim(claim)
-            self._fetch += <uint32_t>n
-            self._collected += n
+                self._leave(BUSY_COLLECT)
         finally:
-            self._leave(BUSY_COLLECT)
-        if n == cap and out_slots is None:   # our arrays, filled: no views to make
+            if have_s:
+                PyBuffer_Release(&vs)
+            if have_o:
+                PyBuffer_Release(&vo)
+        if <Py_ssize_t>n == len(a_s) and <Py_ssize_t>n == len(a_o):   # filled: no views to make
             return a_s, a_o
         return a_s[:n], a_o[:n]
 
@@ -451,7 +523,7 @@ cdef class DirtyRing:
                 f"{', closed' if self._closed else ''})")
 
 
-def collect(entries, fetch_index, max_count=None):
+def collect(entries, fetch_index, max_count=None, out_slots=None, out_offsets=None):
     """Harvest a ring in foreign memory (e.g. the mmap of a real KVM vCPU fd).
 
     ``entries``: a writable, C-contiguous buffer of a power-of-two number of
@@ -459,47 +531,70 @@ def collect(entries, fetch_index, max_count=None):
     ENTRY_DTYPE, or raw bytes (mmap, bytearray, memoryview, uint8 array).
     From ``fetch_index`` (u32) on, in order, while flags == DIRTY: read slot
     and offset, store-release RESET.  Returns (slots, offsets, new_fetch_index).
+    ``out_slots`` / ``out_offsets``: as DirtyRing.collect (caller-owned, reused).
     """
-    cdef Py_buffer view
+    cdef Py_buffer view, vs, vo
+    cdef bint have_s = False, have_o = False
     cdef size_t nbytes, count, cap, n = 0
     cdef uint32_t fetch = _uint(fetch_index, "fetch_index", _U32_MAX)
-    cdef uint32_t[::1] vs
-    cdef uint64_t[::1] vo
+    cdef uintptr_t start
+    if (out_slots is None) != (out_offsets is None):
+        raise ValueError("give both out_slots and out_offsets, or neither")
     if isinstance(entries, np.ndarray) and entries.dtype != ENTRY_DTYPE and entries.dtype.itemsize != 1:
         raise TypeError(f"entries must have dtype {ENTRY_DTYPE} or be raw bytes, got {entries.dtype}")
     try:
-        PyObject_GetBuffer(entries, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
-    except TypeError:
-        raise TypeError(f"entries must be a writable buffer, got {type(entries).__name__}") from None
-    except (BufferError, ValueError) as e:
-        raise ValueError(f"entries must be a C-contiguous buffer: {e}") from None
-    try:
-        if view.readonly:
-            raise ValueError("entries is read-only; collect stores RESET into it")
-        if not isinstance(entries, np.ndarray) and view.itemsize != 1:
-            raise TypeError(f"entries must be raw bytes (itemsize 1), got format "
-                            f"{(<bytes>view.format).decode() if view.format else 'B'!r}")
-        nbytes = <size_t>view.len
-        if nbytes == 0 or nbytes % sizeof(kvm_dirty_gfn):
-            raise ValueError(f"entries is {nbytes} bytes, not a non-zero multiple of {sizeof(kvm_dirty_gfn)}")
-        count = nbytes // sizeof(kvm_dirty_gfn)
-        if count & (count - 1) or count > 0xFFFFFFFF:
-            raise ValueError(f"entries holds {count} entries, not a power of two")
-        if (<uintptr_t>view.buf) & 7:
-            raise ValueError("entries must be 8-byte aligned for atomic access")
-        cap = _max_count(max_count, count)
-        a_s = np.empty(cap, np.uint32)
-        a_o = np.empty(cap, np.uint64)
-        if cap:
-            vs, vo = a_s, a_o
-            # The Py_buffer `view` stays held (exported) until the finally below.
-            claim = _claim(<uintptr_t>view.buf, nbytes)
-            try:
-                with nogil:
-                    n = kd_ring_collect(<kvm_dirty_gfn *>view.buf, <uint32_t>count, fetch,
-                                        &vs[0], &vo[0], cap)
-            finally:
-                _unclaim(claim)
+        if out_slots is not None:
+            _out_buf(out_slots, &vs, 4, np.uint32, "out_slots")
+            have_s = True
+            _out_buf(out_offsets, &vo, 8, np.uint64, "out_offsets")
+            have_o = True
+        try:
+            PyObject_GetBuffer(entries, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+        except TypeError:
+            raise TypeError(f"entries must be a writable buffer, got {type(entries).__name__}") from None
+        except (BufferError, ValueError) as e:
+            raise ValueError(f"entries must be a C-contiguous buffer: {e}") from None
+        try:
+            if view.readonly:
+                raise ValueError("entries is read-only; collect stores RESET into it")
+            if not isinstance(entries, np.ndarray) and view.itemsize != 1:
+                raise TypeError(f"entries must be raw bytes (itemsize 1), got format "
+                                f"{(<bytes>view.format).decode() if view.format else 'B'!r}")
+            nbytes = <size_t>view.len
+            if nbytes == 0 or nbytes % sizeof(kvm_dirty_gfn):
+                raise ValueError(f"entries is {nbytes} bytes, not a non-zero multiple of {sizeof(kvm_dirty_gfn)}")
+            count = nbytes // sizeof(kvm_dirty_gfn)
+            if count & (count - 1) or count > 0xFFFFFFFF:
+                raise ValueError(f"entries holds {count} entries, not a power of two")
+            if (<uintptr_t>view.buf) & 7:
+                raise ValueError("entries must be 8-byte aligned for atomic access")
+            cap = count
+            if have_s:
+                cap = min(cap, <size_t>vs.shape[0], <size_t>vo.shape[0])
+                a_s, a_o = out_slots, out_offsets
+            cap = _max_count(max_count, cap)
+            if not have_s:
+                a_s = _np_empty(cap, _U32)
+                a_o = _np_empty(cap, _U64)
+                _new_buf(a_s, &vs)
+                have_s = True
+                _new_buf(a_o, &vo)
+                have_o = True
+            if cap:
+                # The Py_buffers stay held (exported) until the finally blocks below.
+                start = <uintptr_t>view.buf
+                _claim(start, nbytes)
+                try:
+                    with nogil:
+                        n = kd_ring_collect(<kvm_dirty_gfn *>view.buf, <uint32_t>count, fetch,
+                                            <uint32_t *>vs.buf, <uint64_t *>vo.buf, cap)
+                finally:
+                    _unclaim(start)
+        finally:
+            PyBuffer_Release(&view)
     finally:
-        PyBuffer_Release(&view)
+        if have_s:
+            PyBuffer_Release(&vs)
+        if have_o:
+            PyBuffer_Release(&vo)
     return a_s[:n], a_o[:n], (fetch + n) & _U32_MAX

@@ -149,6 +149,9 @@ class Harness:
         if vm.design is not None:
             for sid, offs in vm.design.harvest().items():
                 self.copy(sid, offs)
+            # The design's harvest also reset (re-protected) whatever a direct
+            # collect / fetch took before it: those pages can be copied now.
+            self.after_reset()
             return
         if vm.dirty_ring_size:
             for v in vm.vcpus.values():

@@ -313,21 +313,35 @@ class HostVM:
             raise KvmError(errno.ENOENT, ioctl, f"slot {slot:#x} does not exist or is not logging")
         return s
 
-    def get_dirty_log(self, slot: int) -> np.ndarray:
+    def get_dirty_log(self, slot: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         """KVM_GET_DIRTY_LOG: the host kernel's written pages of the slot, as uint64 words.
 
         Without manual protect they are write-protected again in the same
         PAGEMAP_SCAN walk; with it they stay reported until clear_dirty_log.
+        ``out``: a caller-owned uint64 array to fill and return, as
+        vm.VM.get_dirty_log takes it (EFAULT, taking nothing, when it is
+        shorter than the slot's bitmap).
         """
         ioctl = "KVM_GET_DIRTY_LOG"
         self._check_open(ioctl)
+        if out is not None:
+            validate.out_words(out)
         with self._slots_lock.read():
             self._check_open(ioctl)
             s = self._logged_slot(slot, ioctl)
+            need = (s.npages + 63) >> 6
+            if out is not None and len(out) < need:
+                raise KvmError(errno.EFAULT, ioctl, f"out has {len(out)} words, {need} needed")
             try:
-                return s.tracker.harvest(reprotect=not self.manual_protect)
+                words = s.tracker.harvest(reprotect=not self.manual_protect)
             except OSError as e:
                 raise KvmError(e.errno or errno.EIO, ioctl, str(e)) from e
+            if out is None:
+                return words
+            # The copy cannot fail: out was checked above.
+            dst = out if len(out) == need else out[:need]
+            dst[:] = words[:need]
+            return dst
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap) -> None:
         """KVM_CLEAR_DIRTY_LOG: write-protect again the pages set in ``bitmap`` (from first_page)."""

@@ -77,6 +77,16 @@ class Tracker(ABC):
         """A vCPU exit the tracker causes; returns that vCPU's stall (seconds)."""
         raise RuntimeError(f"unexpected exit {reason} from vCPU {vcpu.id}")
 
+    def _words(self, key, n: int, dtype=np.uint64) -> np.ndarray:
+        """An output buffer the harvest ioctls write into, made once per key and reused
+        (a bitmap of n pages for a slot id, or n items for a ring key)."""
+        bufs = self.__dict__.setdefault("_bufs", {})
+        size = (n + 63) >> 6 if isinstance(key, int) else n
+        b = bufs.get(key)
+        if b is None or len(b) != size:
+            b = bufs[key] = np.empty(size, dtype)
+        return b
+
     def tick(self, now: float) -> Step:
         """Background work due at virtual time ``now`` (the ring reaper)."""
         return 0.0, 0.0
@@ -103,7 +113,7 @@ class BitmapTracker(Tracker):
         c = self.costs
         cost = lock = 0.0
         for sid, first, n in self.mem.layout:
-            words = self.vm.get_dirty_log(sid)
+            words = self.vm.get_dirty_log(sid, out=self._words(sid, n))
             dirty = _popcount(words)
             mig.merge_words(first, n, words)
             held = self._protect(dirty, n)
@@ -151,7 +161,8 @@ class ClearLogTracker(Tracker):
         cost = 0.0
         cw = 1 << (self.shift - 6)
         for sid, first, n in self.mem.layout:
-            words = self.vm.get_dirty_log(sid)       # a copy: nothing is protected here
+            # a copy, nothing is protected here (into the snapshot of the last sync: replaced whole)
+            words = self.vm.get_dirty_log(sid, out=self.snap.get(sid))
             mig.merge_words(first, n, words)
             self.snap[sid] = words
             nz = np.flatnonzero(words)
@@ -225,7 +236,10 @@ class RingTracker(Tracker):
         c = self.costs
         n = 0
         for v in self.vm.vcpus.values():
-            slots, offs = v.dirty_ring.collect()
+            ring = v.dirty_ring
+            # Into arrays reused from reap to reap (the gfns below are a new array).
+            slots, offs = ring.collect(None, self._words(("s", v.id), ring.entries, np.uint32),
+                                       self._words(("o", v.id), ring.entries, np.uint64))
             if len(offs):
                 self.pending.append(self.first[slots & 0xFFFF] + offs)
                 n += len(offs)
