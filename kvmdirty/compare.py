@@ -13,11 +13,11 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .collectors import all_designs
 from .comparecolumns import COLUMNS
-from .comparegrid import KNOBS, Cell, Knobs, expand, run_grid
+from .comparegrid import KNOBS, Cell, Knobs, Setting, expand, run_grid, runnable
 from .objective import OBJECTIVES, Ranked, best_per_design, rank
 from .runinfo import envelope, scenario
 from .runner import RunResult, RunSpec, run
@@ -32,7 +32,8 @@ def compare(spec: RunSpec, designs: Optional[Sequence[str]] = None,
                   ring_entries=[spec.ring_entries], interval=[spec.interval])
     if spec.dirty_rate is not None:
         knobs.dirty_rate = [(spec.dirty_rate, False)]
-    cells = run_grid(spec, expand(knobs), 1, runner=runner, on_progress=on_progress)
+    settings, _skipped = runnable(spec, expand(knobs))
+    cells = run_grid(spec, settings, 1, runner=runner, on_progress=on_progress)
     return [c.runs[0] for c in cells]
 
 
@@ -47,6 +48,7 @@ class Report:
     max_stall_ms: Optional[float]
     cells: List[Cell]
     ranked: List[Ranked]
+    skipped: List[Tuple[Setting, str]] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -56,16 +58,27 @@ class Report:
 def compare_grid(base: RunSpec, knobs: Knobs, repeat: int = 1, objective: str = "stall",
                  max_stall_ms: Optional[float] = None, runner: Callable[..., RunResult] = run,
                  on_run: Optional[Callable[..., None]] = None,
-                 on_progress: Optional[Callable[[float], None]] = None) -> Report:
-    """Run every setting of ``knobs`` ``repeat`` times and rank them."""
+                 on_progress: Optional[Callable[[float], None]] = None,
+                 on_plan: Optional[Callable[[int], None]] = None) -> Report:
+    """Run every setting of ``knobs`` ``repeat`` times and rank them.
+
+    ``on_plan(n)`` is told how many runs there will be, once the settings a
+    design refuses are left out; ``on_run(setting, k)`` before each run.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     if max_stall_ms is not None and not (math.isfinite(max_stall_ms) and max_stall_ms >= 0):
         raise ValueError(f"max stall must be a finite number of ms >= 0, got {max_stall_ms!r}")
-    cells = run_grid(base, expand(knobs), repeat, runner=runner, on_run=on_run,
-                     on_progress=on_progress)
+    settings, skipped = runnable(base, expand(knobs), **({} if runner is run else {"check": _no_check}))
+    if on_plan is not None:
+        on_plan(len(settings) * repeat)
+    cells = run_grid(base, settings, repeat, runner=runner, on_run=on_run, on_progress=on_progress)
     return Report(base, knobs, repeat, objective, max_stall_ms, cells,
-                  rank(cells, objective, max_stall_ms))
+                  rank(cells, objective, max_stall_ms), skipped)
+
+
+def _no_check(spec: RunSpec) -> None:
+    """A stand-in runner (tests) needs no VM set up to check a setting."""
 
 
 def _scenario(rep: Report) -> Dict[str, Any]:
@@ -106,6 +119,7 @@ def to_json(rep: Report) -> dict:
     out["best"] = {d: None if b is None else {"rank": b.rank, "setting": b.cell.setting.to_dict(),
                                               "objective": b.objective}
                    for d, b in best_per_design(rep.ranked).items()}
+    out["skipped"] = [dict(s.to_dict(), why=why) for s, why in rep.skipped]
     out["ok"] = rep.ok
     return out
 

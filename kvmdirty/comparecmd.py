@@ -170,7 +170,7 @@ def _base(args: argparse.Namespace):
 def run_compare(args: argparse.Namespace) -> int:
     from .collectors import all_designs
     from .compare import compare_grid, to_json_text
-    from .comparegrid import Knobs, expand
+    from .comparegrid import Knobs
 
     if args.list_designs:
         print("\n".join(all_designs()))
@@ -190,17 +190,14 @@ def run_compare(args: argparse.Namespace) -> int:
                   interval=[ms / 1e3 for ms in args.interval],
                   auto_duration=args.dirty_rate is not None and args.duration is None
                   and args.writes is None)
-    settings = expand(knobs)
-    total = len(settings) * args.repeat
-    with _progress(total, enabled=not args.json and sys.stderr.isatty()) as bar:
+    with _progress(enabled=not args.json and sys.stderr.isatty()) as bar:
         report = compare_grid(base, knobs, args.repeat, args.objective, args.max_stall_ms,
-                              on_run=bar.next_run, on_progress=bar.within)
+                              on_run=bar.next_run, on_progress=bar.within, on_plan=bar.plan)
     if args.json:
         sys.stdout.write(to_json_text(report) + "\n")
     else:
         from .comparetable import render
-        render(_console(), report.ranked, report.cells, knobs, base, args.repeat, args.objective,
-               args.max_stall_ms)
+        render(_console(), report)
     if args.plot:
         from .compareplot import plot
         plot(report.ranked, knobs, args.objective, args.plot)
@@ -217,20 +214,22 @@ def _console():
 class _progress:
     """A rich progress bar on stderr over the grid's runs (only on a terminal)."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self.done = -1
         self._bar = self._task = None
 
     def __enter__(self) -> "_progress":
+        return self
+
+    def plan(self, total: int) -> None:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=Console(stderr=True), transient=True)
             self._bar.start()
-            self._task = self._bar.add_task("compare", total=self.total)
-        return self
+            self._task = self._bar.add_task("compare", total=total)
 
     def next_run(self, setting, k: int) -> None:
         self.done += 1

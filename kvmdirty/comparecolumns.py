@@ -3,7 +3,9 @@
 One list, used by the table, the JSON cells, the objectives, ``--help`` and
 (by a test) the README, so a column cannot be shown without a definition.
 Values are read from a RunResult (kvmdirty.runner) in its units (seconds,
-pages, bytes/s) and shown times ``scale`` in the unit of the header.
+pages, bytes/s) and shown times ``scale`` in the unit of the header.  Totals
+are shown per second of the run (or as a share of it), because the settings
+of one grid may run for different lengths (kvmdirty.comparegrid.auto_duration).
 """
 from __future__ import annotations
 
@@ -22,6 +24,22 @@ def _lost(r: RunResult) -> Optional[float]:
 
 def _pct_of_requested(r: RunResult) -> Optional[float]:
     return None if not r.dirty_rate else r.achieved_rate / r.dirty_rate
+
+
+def _per_s(key: str) -> Callable[[RunResult], Optional[float]]:
+    """A run's total ``key`` per second the vCPUs ran (runs of different lengths compare)."""
+    def get(r: RunResult) -> Optional[float]:
+        v = getattr(r, key)
+        return None if v is None or not r.guest_s else v / r.guest_s
+    return get
+
+
+def _per_vcpu_s(key: str) -> Callable[[RunResult], Optional[float]]:
+    """A run's total ``key`` (seconds, summed over vCPUs) over vCPUs x run time: a fraction."""
+    def get(r: RunResult) -> Optional[float]:
+        v = getattr(r, key)
+        return None if v is None or not r.guest_s else v / (r.vcpus * r.guest_s)
+    return get
 
 
 @dataclass(frozen=True)
@@ -55,23 +73,25 @@ COLUMNS: List[Column] = [
     Column("achieved_rate", "guest\nMB/s",
            "guest writes x 4 KiB per second of the run (each write dirties one page): the dirty "
            "rate the vCPUs achieved", scale=1e-6, floor=1.0, lower_is_better=False),
-    Column("achieved_pct", "% of\nasked", "achieved MB/s over the --dirty-rate asked for, in percent",
+    Column("achieved_pct", "% of\nasked", "guest MB/s over the --dirty-rate asked for, in percent",
            scale=100.0, digits=0, floor=1.0, get=_pct_of_requested, paced_only=True,
            lower_is_better=False),
-    Column("stall_total_s", "stall\nms",
-           "vCPU time lost to ring-full exits, summed over vCPUs: from each exit until the "
-           "harvest it forced has reset the rings and the vCPU can run again", scale=1e3,
-           floor=0.1, zero_when_none=True),
-    Column("stall_exits", "full\nexits", "ring-full exits (DIRTY_RING_FULL; DIRTY_LOG_FULL for "
-           "indexed-ring), all vCPUs", digits=0, floor=1.0),
+    Column("stall_pct", "stall\n% vCPU",
+           "share of the vCPUs' time lost to ring-full exits: each stall lasts from the exit until "
+           "the harvest it forced has reset the rings and the vCPU can run again; summed over "
+           "vCPUs, over vCPUs x run time", scale=100.0, digits=2, floor=0.01,
+           get=_per_vcpu_s("stall_total_s"), zero_when_none=True),
+    Column("exits_per_s", "full exits\n/s", "ring-full exits (DIRTY_RING_FULL; DIRTY_LOG_FULL for "
+           "indexed-ring) per second, all vCPUs", floor=1.0, get=_per_s("stall_exits")),
     Column("stall_p50_s", "stall p50\nms", "median stall of one ring-full exit", scale=1e3,
            digits=2, floor=0.05, zero_when_none=True),
     Column("stall_p99_s", "stall p99\nms", "99th percentile of the stall of one ring-full exit",
            scale=1e3, digits=2, floor=0.05, zero_when_none=True),
     Column("stall_max_s", "stall max\nms", "longest stall of one ring-full exit (what "
            "--max-stall-ms bounds)", scale=1e3, digits=2, floor=0.05, zero_when_none=True),
-    Column("harvest_calls", "harvests", "harvests: every --interval, on each ring-full exit, and "
-           "the final one with the vCPUs stopped", digits=0, floor=1.0),
+    Column("harvests_per_s", "harvests\n/s", "harvests per second: every --interval, on each "
+           "ring-full exit, and the final one with the vCPUs stopped", floor=1.0,
+           get=_per_s("harvest_calls")),
     Column("harvest_p50_s", "harvest p50\nms", "median wall time of one harvest: the design's "
            "own calls (collect + KVM_RESET_DIRTY_RINGS; GET_DIRTY_LOG; GET + CLEAR_DIRTY_LOG)",
            scale=1e3, digits=2, floor=0.05),
@@ -85,13 +105,15 @@ COLUMNS: List[Column] = [
            "that dirtied it to the end of the harvest that returned it", scale=1e3, floor=0.05),
     Column("age_p99_s", "age p99\nms", "99th percentile of that age (how stale the dirty set "
            "can be)", scale=1e3, floor=0.05),
-    Column("wp_faults", "WP\nfaults", "write-protect faults the guest took (each logs a page)",
-           digits=0, floor=1.0),
-    Column("pages_dirtied", "dirty\npages", "pages the guest dirtied, once per harvest that "
+    Column("faults_per_s", "WP faults\nk/s", "write-protect faults the guest took (each logs a "
+           "page), thousands per second", scale=1e-3, floor=0.1, get=_per_s("wp_faults")),
+    Column("dirtied_per_s", "dirty pages\nk/s", "pages the guest dirtied, once per harvest that "
            "returned them (a page in two vCPUs' rings once; clear-log's INITIALLY_SET pages "
-           "not counted)", digits=0, floor=1.0, lower_is_better=False),
-    Column("tracking_s", "tracking\nCPU ms", "CPU time of every harvest, in whichever thread "
-           "ran it (the collector, or a vCPU after a ring-full exit)", scale=1e3, floor=0.1),
+           "not counted), thousands per second", scale=1e-3, floor=0.1,
+           get=_per_s("pages_dirtied"), lower_is_better=False),
+    Column("tracking_pct", "tracking\nCPU %", "CPU time of every harvest, in whichever thread "
+           "ran it (the collector, or a vCPU after a ring-full exit), in percent of one CPU over "
+           "the run", scale=100.0, digits=2, floor=0.01, get=_per_s("tracking_s")),
     Column("tracking_ns_per_page", "ns per\ndirty page", "tracking CPU over dirty pages",
            floor=1.0),
     Column("lost", "lost\npages", "pages whose last write the harvests missed (the verifier: "

@@ -132,22 +132,49 @@ class Cell:
     runs: List[RunResult] = field(default_factory=list)
 
 
+def runnable(base: RunSpec, settings: Sequence[Setting],
+             check: Callable[[RunSpec], None] = preflight) -> Tuple[List[Setting], List[Tuple[Setting, str]]]:
+    """The settings a design can take, and the others with the reason.
+
+    Every spec is validated (bad input raises); then each design is set up once
+    per ring size: a size a design refuses (indexed-ring's u16 indexes stop at
+    32768 entries) leaves that setting out, said so, instead of failing a grid.
+    Raises ValueError when nothing is left to run.
+    """
+    specs = [spec_for(base, s) for s in settings]
+    for sp in specs:
+        sp.validate()
+    refused: Dict[tuple, Optional[str]] = {}
+    ok, skipped = [], []
+    for s, sp in zip(settings, specs):
+        key = (sp.design, s.ring_entries, sp.backend)
+        if key not in refused:
+            try:
+                check(sp)
+                refused[key] = None
+            except ValueError as e:             # KvmError is an OSError: a real failure, raised
+                refused[key] = str(e)
+        if refused[key] is None:
+            ok.append(s)
+        else:
+            skipped.append((s, refused[key]))
+    if not ok:
+        raise ValueError("no setting can run: " + "; ".join(sorted({
+            f"{s.design}" + (f" with {s.ring_entries} entries" if s.ring_entries else "") + f": {why}"
+            for s, why in skipped})))
+    return ok, skipped
+
+
 def run_grid(base: RunSpec, settings: Sequence[Setting], repeat: int = 1,
              runner: Callable[..., RunResult] = run,
              on_run: Optional[Callable[[Setting, int], None]] = None,
              on_progress: Optional[Callable[[float], None]] = None) -> List[Cell]:
-    """Run every setting ``repeat`` times; every spec (and each design's ring size) is
-    checked before the first run."""
+    """Run every setting ``repeat`` times (check them first with ``runnable``)."""
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     specs = [spec_for(base, s) for s in settings]
-    checked = set()
     for sp in specs:
         sp.validate()
-        key = (sp.design, sp.ring_entries if has_ring(sp.design) else None, sp.backend)
-        if runner is run and key not in checked:
-            preflight(sp)                 # a ring size a design refuses fails now, not mid-grid
-            checked.add(key)
     cells = []
     for s, sp in zip(settings, specs):
         cell = Cell(s)

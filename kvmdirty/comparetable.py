@@ -9,18 +9,21 @@ spreads, and anything a run found wrong.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from .comparecolumns import BY_KEY, Column, columns
-from .comparegrid import Cell, Knobs, has_ring
+from .comparegrid import AUTO_INTERVALS, AUTO_MAX_S, AUTO_MIN_S, Cell, Knobs, has_ring
 from .objective import OBJECTIVES, Ranked, best_per_design
 from .runner import RunResult, RunSpec
 from .spread import Spread
 from .units import fmt_bytes
+
+if TYPE_CHECKING:
+    from .compare import Report
 
 #: At most this many lines of spread warnings.
 MAX_WARNINGS = 12
@@ -81,7 +84,9 @@ def describe(base: RunSpec, knobs: Knobs, repeat: int) -> str:
     elif rate is None and base.trace_speed is None:
         bits.append(f"unpaced ({base.rate if isinstance(base.rate, int) else list(base.rate)} "
                     f"writes per step)")
-    if base.duration is not None:
+    if knobs.auto_duration:
+        bits.append(f"each run {AUTO_INTERVALS} harvest intervals long ({AUTO_MIN_S:g} s to {AUTO_MAX_S:g} s)")
+    elif base.duration is not None:
         bits.append(f"{base.duration:g} s per run")
     else:
         bits.append(f"{base.writes:,} writes per vCPU")
@@ -212,7 +217,7 @@ def best_lines(ranked: Sequence[Ranked], knobs: Knobs, objective: str,
             lines.append(f"  {d}: no setting qualifies")
             continue
         figs = [f"{col.title} {_num(col, r.objective)}"]
-        for k in ("stall_total_s", "stall_max_s", "age_p99_s", "tracking_s"):
+        for k in ("stall_pct", "stall_max_s", "age_p99_s", "tracking_pct"):
             if k != key:
                 c = BY_KEY[k]
                 sp = Spread.of(c.value(x) for x in r.cell.runs)
@@ -235,9 +240,19 @@ def problem_lines(cells: Sequence[Cell]) -> List[str]:
     return out
 
 
-def render(console: Console, ranked: Sequence[Ranked], cells: Sequence[Cell], knobs: Knobs,
-           base: RunSpec, repeat: int, objective: str, max_stall_ms: Optional[float]) -> None:
+def _unique_skips(skipped):
+    seen, out = set(), []
+    for s, why in skipped:
+        if (s.design, s.ring_entries) not in seen:
+            seen.add((s.design, s.ring_entries))
+            out.append((s, why))
+    return out
+
+
+def render(console: Console, rep: "Report") -> None:
     """Print the whole report on ``console``."""
+    ranked, cells, knobs, base = rep.ranked, rep.cells, rep.knobs, rep.base
+    repeat, objective, max_stall_ms = rep.repeat, rep.objective, rep.max_stall_ms
     paced = any(s is not None for s in knobs.dirty_rate)
     console.print(describe(base, knobs, repeat), highlight=False, soft_wrap=True)
     console.print(build_table(ranked, knobs, paced, base.mode == "deterministic"))
@@ -247,6 +262,8 @@ def render(console: Console, ranked: Sequence[Ranked], cells: Sequence[Cell], kn
         if any(not r.feasible for r in ranked) else []
     lines += accounting_notes(cells)
     lines += spread_warnings(ranked, knobs, paced)
+    lines += [f"  {s.design} with {s.ring_entries:,} entries: not run ({why})"
+              for s, why in _unique_skips(rep.skipped)]
     lines += problem_lines(cells)
     for line in lines:
         console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -19,16 +19,16 @@ from .spread import Spread
 
 #: name -> (metric key, what it means)
 OBJECTIVES: Dict[str, Tuple[str, str]] = {
-    "stall": ("stall_total_s", "lowest total vCPU stall on ring-full exits"),
+    "stall": ("stall_pct", "least vCPU time lost to ring-full stalls"),
     "stall-p99": ("stall_p99_s", "lowest 99th percentile stall per ring-full exit"),
     "stall-max": ("stall_max_s", "shortest longest stall per ring-full exit"),
-    "tracking-cpu": ("tracking_s", "lowest tracking CPU time"),
+    "tracking-cpu": ("tracking_pct", "least tracking CPU"),
     "ns-per-page": ("tracking_ns_per_page", "lowest tracking CPU per dirty page"),
     "harvest-p99": ("harvest_p99_s", "lowest 99th percentile harvest latency"),
     "age-p99": ("age_p99_s", "freshest dirty set: lowest 99th percentile page age"),
     "throughput": ("achieved_rate", "highest guest dirty rate achieved"),
 }
-TIE_BREAKERS = ("tracking_s", "stall_total_s")
+TIE_BREAKERS = ("tracking_pct", "stall_pct")
 
 
 def metric_spread(cell: Cell, key: str) -> Optional[Spread]:
