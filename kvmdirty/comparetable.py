@@ -43,7 +43,7 @@ def _spread(col: Column, s: Optional[Spread]) -> str:
     if s is None or s.n < 2:
         return ""
     floor = col.floor / col.scale
-    if s.max == s.min:
+    if s.max == s.min or _num(col, s.min) == _num(col, s.max):
         return "±0%"
     if abs(s.median) < floor:
         return f"{_num(col, s.min)}-{_num(col, s.max)}"

@@ -128,7 +128,7 @@ class Meter:
             self._written = None
         else:
             self.latency.add(t1 - t0)
-        self.pages.add(dirtied.size)
+            self.pages.add(dirtied.size)
         if self._since is not None and idx.size:
             self._hgen[idx] = self.gen
             st = self._since[dirtied]
