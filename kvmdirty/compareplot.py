@@ -91,8 +91,10 @@ def plot(ranked: Sequence[Ranked], knobs: Knobs, objective: str, path: str) -> N
             ax.set_ylabel(_LABELS[shown[0]])
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
+                    r_, g_, b_, _a = im.cmap(im.norm(0.0 if v is None else v))
+                    light = 0.299 * r_ + 0.587 * g_ + 0.114 * b_ > 0.5
                     ax.text(j, i, "-" if v is None else f"{v:.3g}", ha="center", va="center",
-                            fontsize=8, color="white")
+                            fontsize=8, color="black" if light else "white")
             if best.get(d) is not None:
                 b = best[d].cell.setting
                 i, j = ys.index(_knob(b, shown[0])), xs.index(_knob(b, shown[1]))

@@ -234,6 +234,10 @@ class SharedRingDesign(_RingDesign):
         return out
 
 
+#: ``_enter``'s default: the call is about every slot (a harvest), not one.
+_EVERY_SLOT = object()
+
+
 class _BitmapDesign:
     """Per logged slot, the bitmap(s) the write loop's built-in bitmap path logs into.
 
@@ -284,11 +288,13 @@ class _BitmapDesign:
         self._other.pop(sid, None)
         self._npages.pop(sid, None)
 
-    def _enter(self, ioctl: str, slot: Optional[int] = None) -> None:
+    def _enter(self, ioctl: str, slot: object = _EVERY_SLOT) -> None:
         _check_open(self.vm, ioctl)
-        if slot is not None:
-            validate.u32(slot, "slot")      # bool / float slots are refused, as by every ioctl
-        if slot is not None and slot not in self._active:
+        if slot is _EVERY_SLOT:
+            return
+        # None is a bad slot like any other (it was taken for "every slot": a KeyError).
+        slot = validate.u32(slot, "slot")   # bool / float / None slots are refused, as by every ioctl
+        if slot not in self._active:
             raise KvmError(errno.ENOENT, ioctl, f"slot {slot:#x} is not logging")
 
     @staticmethod
@@ -384,6 +390,7 @@ class SwitchedBitmapUserDesign(_BitmapDesign):
 
         User space's own buffer: readable after close() too.
         """
+        slot = validate.u32(slot, "slot")
         if slot not in self._active:
             raise KvmError(errno.ENOENT, "retired", f"slot {slot:#x} is not logging")
         r = self._other.get(slot)

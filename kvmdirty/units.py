@@ -34,6 +34,8 @@ def parse_rate(text: str) -> float:
     p = _POW.index(m.group(2).lower() or "_")
     mult = (1 << (10 * p)) if m.group(3) else 10 ** (3 * p)
     v = float(m.group(1)) * mult
+    if not math.isfinite(v):
+        raise ValueError(f"rate {text!r} is too large")
     return v / 8 if m.group(4) == "b" else v
 
 

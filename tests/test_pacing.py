@@ -6,7 +6,7 @@ import pytest
 from kvmdirty.api import PAGE_SIZE
 from kvmdirty.pacing import TokenBucket
 from kvmdirty.runner import RunSpec, Runner
-from kvmdirty.units import parse_dirty_rate
+from kvmdirty.units import parse_dirty_rate, parse_rate
 from kvmdirty.workloads import Workload
 
 
@@ -81,6 +81,12 @@ def test_paced_ring_run_reports_stalls_and_ages():
     assert 0 < r.stall_p50_s <= r.stall_p99_s <= r.stall_max_s <= r.stall_total_s
     assert r.age_known > 0 and 0 < r.age_p50_s <= r.age_p99_s < 0.4
     assert r.pages_dirtied == r.entries_harvested - r.duplicate_entries
+
+
+def test_a_rate_too_large_for_a_float_is_refused():
+    """400 digits parsed as inf: every --dirty-rate / --bandwidth took it (migrate's too)."""
+    with pytest.raises(ValueError, match="too large"):
+        parse_rate("9" * 400)
 
 
 @pytest.mark.parametrize("kw,msg", [
