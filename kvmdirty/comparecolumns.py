@@ -107,7 +107,8 @@ COLUMNS: List[Column] = [
     Column("pages_per_harvest_p50", "pages per\nharvest", "median of the distinct pages the guest "
            "dirtied that one harvest returned", digits=0, floor=1.0, lower_is_better=False),
     Column("age_p50_s", "age p50\nms", "median age of a harvested page: from the first write "
-           "that dirtied it to the end of the harvest that returned it", scale=1e3, floor=0.05),
+           "that dirtied it to the end of the harvest that returned it (every 8th page)", scale=1e3,
+           floor=0.05),
     Column("age_p99_s", "age p99\nms", "99th percentile of that age (how stale the dirty set "
            "can be)", scale=1e3, floor=0.05),
     Column("faults_per_s", "WP faults\nk/s", "write-protect faults the guest took (each logs a "

@@ -249,7 +249,9 @@ def ram_gfns(index: np.ndarray, memory: int) -> np.ndarray:
 
 def ram_index(gfns: np.ndarray, memory: int) -> np.ndarray:
     """The RAM page indices of RAM gfns (the inverse of ``ram_gfns``), as int64."""
-    g = np.asarray(gfns).astype(np.int64, copy=False)
+    g = np.asarray(gfns)
+    # gfns are below 2**63: a uint64 array is viewed, not copied.
+    g = g.view(np.int64) if g.dtype == np.uint64 and g.flags.c_contiguous else g.astype(np.int64)
     ranges = ram_ranges(memory)
     if len(ranges) == 1:
         return g

@@ -76,7 +76,7 @@ def test_ages_latencies_and_pages_of_a_known_schedule():
     it since it was last harvested.
     """
     clk = Clock()
-    m = Meter(1000, {0: 0, 1: 500}, clock=clk)
+    m = Meter(1000, {0: 0, 1: 500}, age_sample=1, clock=clk)
     rng = np.random.default_rng(7)
     first = {}            # page -> time of its first write since its last harvest
     ages, latencies, per_harvest = [], [], []
@@ -136,7 +136,7 @@ def test_no_stall_means_no_percentiles():
 
 def test_initially_set_first_harvest_is_counted_apart():
     clk = Clock()
-    m = Meter(100, {0: 0}, initially_set=True, clock=clk)
+    m = Meter(100, {0: 0}, initially_set=True, age_sample=1, clock=clk)
     tok = m.before_run()
     m.after_run(tok, np.array([3, 5, 5, 7]))
     t0 = m.harvest_begin()
@@ -156,7 +156,7 @@ def test_initially_set_first_harvest_is_counted_apart():
 
 def test_ring_duplicates_count_once():
     clk = Clock()
-    m = Meter(100, {0: 0}, dedupe=True, clock=clk)
+    m = Meter(100, {0: 0}, dedupe=True, age_sample=1, clock=clk)
     tok = m.before_run()
     m.after_run(tok, np.array([1, 2, 3]))
     t0 = m.harvest_begin()
@@ -170,7 +170,7 @@ def test_ring_duplicates_count_once():
 def test_a_run_overlapping_a_harvest_never_reports_a_stale_age():
     """A page a harvest took while the run that wrote it had not yet stamped it: unknown, not wrong."""
     clk = Clock()
-    m = Meter(10, {0: 0}, clock=clk)
+    m = Meter(10, {0: 0}, age_sample=1, clock=clk)
     tok = m.before_run()                    # the run starts (writes page 4) ...
     t0 = m.harvest_begin()                  # ... a harvest takes page 4 meanwhile
     clk.t = 1_000
@@ -183,3 +183,17 @@ def test_a_run_overlapping_a_harvest_never_reports_a_stale_age():
     assert st["age_unknown"] == 2           # page 4 in the first harvest, and now
     assert st["age_known"] == 1             # page 6: never taken by the overlapping harvest
     assert st["age_max_s"] == pytest.approx(50e-3)
+
+
+def test_ages_are_sampled_every_8th_page():
+    clk = Clock()
+    m = Meter(64, {0: 0}, clock=clk)                 # the default sample: pages 0, 8, 16, ...
+    tok = m.before_run()
+    m.after_run(tok, np.arange(64))
+    clk.t = 1_000
+    t0 = m.harvest_begin()
+    m.harvest_end(t0, clk.t, {0: np.arange(64, dtype=np.uint64)})
+    st = m.stats()
+    assert st["age_known"] == 8 and st["age_unknown"] == 0 and st["pages_dirtied"] == 64
+    with pytest.raises(ValueError, match="power of two"):
+        Meter(8, {0: 0}, age_sample=3)
