@@ -256,7 +256,9 @@ def render(console: Console, rep: "Report") -> None:
     paced = any(s is not None for s in knobs.dirty_rate)
     console.print(describe(base, knobs, repeat), highlight=False, soft_wrap=True)
     console.print(build_table(ranked, knobs, paced, base.mode == "deterministic"))
-    lines = best_lines(ranked, knobs, objective, max_stall_ms)
+    # With one setting per design the order says it all; with a grid, name each design's best.
+    lines = best_lines(ranked, knobs, objective, max_stall_ms) \
+        if len(ranked) > len({r.cell.setting.design for r in ranked}) else []
     lines += ["  (# : rank; * the best of its design; x not qualifying: "
               + "; ".join(sorted({r.why_not for r in ranked if r.why_not})) + ")"] \
         if any(not r.feasible for r in ranked) else []
