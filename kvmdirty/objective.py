@@ -44,6 +44,8 @@ def _median(cell: Cell, key: str) -> Optional[float]:
 
 @dataclass
 class Ranked:
+    """A cell's place: its objective (median over its runs), whether it qualifies, and why not."""
+
     cell: Cell
     objective: Optional[float]     # median, in the metric's units (seconds, bytes/s, ...)
     feasible: bool

@@ -540,21 +540,21 @@ class Runner:
         for t in threads:
             t.start()
         try:
-            # Harvest every interval (back to back if a harvest outlasts it); stop at the
-            # deadline even when it comes before the next harvest.
-            next_at = time.perf_counter() + interval
+            # Harvest an interval after the end of the last harvest (the reaper sleeps
+            # between reaps, as QEMU's does); stop at the deadline even when it comes first.
+            last = time.perf_counter()
             while True:
                 now = time.perf_counter()
-                wait = next_at - now
+                wait = last + interval - now
                 if deadline is not None and not stop.is_set():
                     wait = min(wait, deadline - now)
                 if all_done.wait(max(0.0, wait)):
                     break
                 now = time.perf_counter()
-                if now >= next_at:
+                if now >= last + interval:
                     self.harvest()
                     self._progress(deadline)
-                    next_at = max(next_at + interval, time.perf_counter())
+                    last = time.perf_counter()
                 if deadline is not None and now >= deadline:
                     stop.set()
         finally:
