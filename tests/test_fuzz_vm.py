@@ -149,6 +149,9 @@ class Harness:
         if vm.design is not None:
             for sid, offs in vm.design.harvest().items():
                 self.copy(sid, offs)
+            # The design's harvest resets every entry collected so far, those a 'collect' /
+            # 'fetch' op took earlier included: they are re-protected now, copy them too.
+            self.after_reset()
             return
         if vm.dirty_ring_size:
             for v in vm.vcpus.values():
