@@ -32,6 +32,8 @@ import numpy as np
 from . import _bitmap
 
 BASE_DESIGNS = ("bitmap", "clear-log", "ring")
+#: Designs sized by a ring's entries (``ring_entries``): per vCPU, or one shared ring.
+RING_DESIGNS = ("ring", "indexed-ring", "shared-ring")
 
 Harvest = Dict[int, np.ndarray]
 SlotSpec = Tuple[int, int, int]      # (slot id, base gfn, npages)
@@ -170,11 +172,14 @@ class RingCollector(Collector):
 class SeedCollector(Collector):
     """A seed-era design: the VM is created with it, harvest() is its own."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, entries: Optional[int] = None) -> None:
         self.name = name
+        self.entries = entries           # ring seed designs: entries per ring
 
     def vm_options(self) -> dict:
-        return {"design": self.name}
+        if self.entries is None:
+            return {"design": self.name}
+        return {"design": self.name, "design_options": {"entries": int(self.entries)}}
 
     def _harvest_into(self, out: Harvest) -> None:
         for k, v in self.vm.design.harvest().items():
@@ -200,5 +205,5 @@ def make_collector(design: str, ring_entries: int = 4096) -> Collector:
         return RingCollector(ring_entries)
     seeds = seed_designs()
     if design in seeds:
-        return SeedCollector(design)
+        return SeedCollector(design, ring_entries if design in RING_DESIGNS else None)
     raise ValueError(f"unknown design {design!r}; known: {', '.join(list(BASE_DESIGNS) + seeds)}")

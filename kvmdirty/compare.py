@@ -1,128 +1,127 @@
-"""`kvmdirty compare`: one scenario, every design, one measured row each.
+"""`kvmdirty compare`: designs x knobs, each setting run ``repeat`` times, live on this host.
 
-``compare(spec, designs)`` runs the scenario ``spec`` (a RunSpec whose design
-is replaced per row) once per design and returns the RunResults;
-``format_table`` and ``to_json`` present them.  Nothing is estimated: every
-number comes from the run of that row.
+``compare(spec, designs)`` runs one scenario under each design and returns
+the RunResults (one run each).  ``compare_grid(spec, knobs, repeat)`` runs
+every setting of a grid (kvmdirty.comparegrid) and ranks the settings by an
+objective (kvmdirty.objective); ``to_json`` gives the report in the shared
+schema (kvmdirty.runinfo).  Nothing is estimated: every number comes from
+the runs of that setting.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import platform
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .collectors import all_designs
-from .progress import Progress
+from .comparecolumns import COLUMNS
+from .comparegrid import KNOBS, Cell, Knobs, Setting, expand, run_grid, runnable
+from .objective import OBJECTIVES, Ranked, best_per_design, rank
+from .runinfo import envelope, scenario
 from .runner import RunResult, RunSpec, run
-
-COLUMNS = (
-    ("design", "design"),
-    ("writes", "writes"),
-    ("wp_faults", "WP faults"),
-    ("pages_harvested", "pages harvested"),
-    ("harvest_calls", "harvest calls"),
-    ("full_exits", "ring-full exits"),
-    ("tracking_ms", "tracking ms"),
-    ("tracking_ns_per_page", "ns/dirty page"),
-    ("writes_per_s", "guest writes/s"),
-    ("lost_pages", "lost pages"),
-)
+from .spread import Spread
 
 
 def compare(spec: RunSpec, designs: Optional[Sequence[str]] = None,
-            progress: Optional[Progress] = None,
-            runner: Callable[..., RunResult] = run) -> List[RunResult]:
-    """Run ``spec`` under each design (default: every design this build has)."""
-    names = list(designs) if designs else all_designs()
-    known = all_designs()
-    for d in names:
-        if d not in known:
-            raise ValueError(f"unknown design {d!r}; known: {', '.join(known)}")
-    specs = [dataclasses.replace(spec, design=d) for d in names]
-    for s in specs:
-        s.validate()            # fail before the first run, not in the middle
-    results = []
-    for s in specs:
-        if progress is not None:
-            progress.start(s.design)
-        results.append(runner(s, on_progress=progress.update if progress else None))
-        if progress is not None:
-            progress.finish_item()
-    return results
+            runner: Callable[..., RunResult] = run,
+            on_progress: Optional[Callable[[float], None]] = None) -> List[RunResult]:
+    """Run ``spec`` once under each design (default: every design this build has)."""
+    knobs = Knobs(list(designs) if designs else all_designs(), [spec.memory], [spec.vcpus],
+                  ring_entries=[spec.ring_entries], interval=[spec.interval])
+    if spec.dirty_rate is not None:
+        knobs.dirty_rate = [(spec.dirty_rate, False)]
+    settings, _skipped = runnable(spec, expand(knobs))
+    cells = run_grid(spec, settings, 1, runner=runner, on_progress=on_progress)
+    return [c.runs[0] for c in cells]
 
 
-def _si(x: float) -> str:
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
+@dataclass
+class Report:
+    """A finished grid: its cells (settings and runs) ranked by the objective."""
+
+    base: RunSpec
+    knobs: Knobs
+    repeat: int
+    objective: str
+    max_stall_ms: Optional[float]
+    cells: List[Cell]
+    ranked: List[Ranked]
+    skipped: List[Tuple[Setting, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for c in self.cells for r in c.runs)
 
 
-def _cell(r: RunResult, key: str) -> str:
-    if key == "tracking_ms":
-        return f"{r.tracking_s * 1e3:.1f}"
-    if key == "tracking_ns_per_page":
-        return "-" if r.tracking_ns_per_page is None else f"{r.tracking_ns_per_page:.1f}"
-    if key == "writes_per_s":
-        return _si(r.writes_per_s)
-    if key == "lost_pages":
-        n = r.lost_pages if r.lost_pages is not None else r.violations
-        if n is None:
-            return "-"
-        return f"{n + (r.unwritten_pages or 0):,}"
-    v = getattr(r, key)
-    if v is None:
-        return "-"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+def compare_grid(base: RunSpec, knobs: Knobs, repeat: int = 1, objective: str = "stall",
+                 max_stall_ms: Optional[float] = None, runner: Callable[..., RunResult] = run,
+                 on_run: Optional[Callable[..., None]] = None,
+                 on_progress: Optional[Callable[[float], None]] = None,
+                 on_plan: Optional[Callable[[int], None]] = None) -> Report:
+    """Run every setting of ``knobs`` ``repeat`` times and rank them.
+
+    ``on_plan(n)`` is told how many runs there will be, once the settings a
+    design refuses are left out; ``on_run(setting, k)`` before each run.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    if max_stall_ms is not None and not (math.isfinite(max_stall_ms) and max_stall_ms >= 0):
+        raise ValueError(f"max stall must be a finite number of ms >= 0, got {max_stall_ms!r}")
+    settings, skipped = runnable(base, expand(knobs), **({} if runner is run else {"check": _no_check}))
+    if on_plan is not None:
+        on_plan(len(settings) * repeat)
+    cells = run_grid(base, settings, repeat, runner=runner, on_run=on_run, on_progress=on_progress)
+    return Report(base, knobs, repeat, objective, max_stall_ms, cells,
+                  rank(cells, objective, max_stall_ms), skipped)
 
 
-def describe(spec: RunSpec) -> str:
-    size = spec.memory
-    mem = f"{size / (1 << 30):g} GiB" if size >= 1 << 30 else f"{size / (1 << 20):g} MiB"
-    if spec.trace_speed is not None:
-        amount = f"at {spec.trace_speed:g}x its recorded pace" + \
-            (f" for {spec.duration:g} s ({spec.trace_end})" if spec.duration is not None else "")
-    else:
-        amount = f"{spec.duration:g} s" if spec.duration is not None else f"{spec.writes:,} writes/vCPU"
-    return (f"{mem} guest, {spec.vcpus} vCPUs, {spec.workload.describe()} writes, {amount}, "
-            f"ring {spec.ring_entries} entries, {spec.mode}, seed {spec.seed}, backend {spec.backend}")
+def _no_check(spec: RunSpec) -> None:
+    """A stand-in runner (tests) needs no VM set up to check a setting."""
 
 
-def format_table(results: Sequence[RunResult], spec: Optional[RunSpec] = None) -> str:
-    rows = [[title for _k, title in COLUMNS]]
-    rows += [[_cell(r, k) for k, _t in COLUMNS] for r in results]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(COLUMNS))]
-    lines = []
-    if spec is not None:
-        lines.append(describe(spec))
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [row[c].rjust(widths[c]) for c in range(1, len(row))]
-        lines.append("  ".join(cells))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    for r in results:
-        if r.trace_ended is not None:
-            lines.append(f"  {r.design}: trace replay {r.trace_ended}; vCPUs at worst "
-                         f"{(r.trace_late_s or 0.0) * 1e3:.1f} ms behind it")
-        for p in r.problems:
-            lines.append(f"! {r.design}: {p}")
-        for x in r.lost[:5]:
-            lines.append(f"! {r.design}: lost {x}")
-    return "\n".join(lines)
-
-
-def to_json(results: Sequence[RunResult], spec: RunSpec) -> dict:
-    sc = dataclasses.asdict(spec)
+def _scenario(rep: Report) -> Dict[str, Any]:
+    sc = dataclasses.asdict(rep.base)
     sc.pop("design")
-    sc["workload"] = dataclasses.asdict(spec.workload)
-    return {
-        "scenario": sc,
-        "machine": {"python": platform.python_version(), "machine": platform.machine()},
-        "results": [r.to_dict() for r in results],
-        "ok": all(r.ok for r in results),
-    }
+    sc["workload"] = dataclasses.asdict(rep.base.workload)
+    k = rep.knobs
+    swept = k.swept()
+    rates = [None if r is None else r[0] for r in k.dirty_rate]
+    values = {"memory": k.memory, "vcpus": k.vcpus, "dirty_rate": rates,
+              "ring_entries": k.ring_entries, "interval": k.interval}
+    for name in KNOBS:
+        sc[name] = values[name] if name in swept else values[name][0]
+    sc["dirty_rate_per_vcpu"] = any(r is not None and r[1] for r in k.dirty_rate)
+    sc["designs"] = list(k.designs)
+    sc["repeat"] = rep.repeat
+    return scenario(sc, swept)
+
+
+def to_json(rep: Report) -> dict:
+    """The report as the shared JSON schema: every run, and every setting's spread, ranked."""
+    out = envelope("compare", rep.base.backend, "real", _scenario(rep))
+    key, about = OBJECTIVES[rep.objective]
+    out["objective"] = {"name": rep.objective, "metric": key, "about": about,
+                        "max_stall_ms": rep.max_stall_ms}
+    out["results"] = [dict(r.to_dict(), setting=c.setting.to_dict(), repeat=n)
+                      for c in rep.cells for n, r in enumerate(c.runs)]
+    out["columns"] = {c.key: c.help for c in COLUMNS}
+    cells = []
+    for r in rep.ranked:
+        metrics = {}
+        for c in COLUMNS:
+            sp = Spread.of(c.value(x) for x in r.cell.runs)
+            metrics[c.key] = None if sp is None else dict(sp.to_dict(), wide=sp.wide(c.floor / c.scale))
+        cells.append({"rank": r.rank, "setting": r.cell.setting.to_dict(), "objective": r.objective,
+                      "feasible": r.feasible, "why_not": r.why_not or None, "metrics": metrics})
+    out["cells"] = cells
+    out["best"] = {d: None if b is None else {"rank": b.rank, "setting": b.cell.setting.to_dict(),
+                                              "objective": b.objective}
+                   for d, b in best_per_design(rep.ranked).items()}
+    out["skipped"] = [dict(s.to_dict(), why=why) for s, why in rep.skipped]
+    out["ok"] = rep.ok
+    return out
 
 
 def _finite(x):
@@ -136,6 +135,6 @@ def _finite(x):
     return x
 
 
-def to_json_text(results: Sequence[RunResult], spec: RunSpec) -> str:
+def to_json_text(rep: Report) -> str:
     """``to_json`` as strict JSON text (non-finite numbers become null)."""
-    return json.dumps(_finite(to_json(results, spec)), indent=2, allow_nan=False)
+    return json.dumps(_finite(to_json(rep)), indent=2, allow_nan=False)

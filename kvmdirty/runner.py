@@ -12,6 +12,16 @@ deterministic  everything in one thread: each step, every vCPU's chunk of
                harvests (one every ``period`` steps): the same seed gives the
                same run, write for write.
 
+With a dirty rate (threads only) each vCPU thread is paced in real time
+instead: a token bucket (kvmdirty.pacing) earns page writes at its share of
+the rate and the thread runs them in batches (``rate`` writes at most), so
+the guest dirties ``dirty_rate`` bytes/s whatever the host could do beyond
+that, and the result says what it achieved.
+
+clear-log (INITIALLY_SET) takes its first harvest, which returns every page,
+before the guest runs: it is counted apart (``initial_pages``), not as pages
+the guest dirtied.
+
 Either way a vCPU that exits with DIRTY_RING_FULL (or a seed design's full
 exit) makes its own thread harvest every ring, as QEMU's vCPU threads do, and
 then resumes.  A run is ``rounds`` rounds; at the end of each one the vCPUs are
@@ -38,7 +48,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .api import EXIT_BUDGET, EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL, EXIT_HLT, PAGE_SIZE
-from .collectors import Collector, make_collector
+from .collectors import RING_DESIGNS, Collector, make_collector
+from .meter import Meter
+from .pacing import TokenBucket, pages_per_s
 from .replay import TimedReplay
 from .trace import load as load_trace_file
 from .verify import Check, FinalValues, SelftestCheck, ShadowCopy
@@ -80,6 +92,8 @@ class RunSpec:
     trace_speed: Optional[float] = None        # threads: replay a timed trace at its pace x this
     trace_end: Optional[str] = None            # ... a run longer than it: "loop" or "stop"
     trace_unit: str = "pages"                  # a CSV trace's second column: gfns, or "bytes" (gpa)
+    dirty_rate: Optional[float] = None         # threads: pace the guest at this many bytes/s (all vCPUs)
+    ages: bool = True                          # measure the age of each harvested page
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -129,6 +143,16 @@ class RunSpec:
             if self.trace_end not in ("loop", "stop"):
                 raise ValueError(f"trace_end must be 'loop' or 'stop', got {self.trace_end!r}")
         rates(self.rate, self.vcpus)
+        if self.dirty_rate is not None:
+            if isinstance(self.dirty_rate, bool) or not isinstance(self.dirty_rate, (int, float)):
+                raise TypeError(f"dirty_rate must be a number of bytes/s, got {self.dirty_rate!r}")
+            if not (math.isfinite(self.dirty_rate) and self.dirty_rate > 0):
+                raise ValueError(f"dirty_rate must be finite and > 0 bytes/s, got {self.dirty_rate!r}")
+            if self.mode != "threads":
+                raise ValueError("a dirty rate is paced in real time: it needs threads "
+                                 "(deterministic runs count writes per step)")
+            if self.trace_speed is not None:
+                raise ValueError("a timed trace sets its own pace: give a dirty rate or a trace speed")
 
 
 @dataclass
@@ -160,6 +184,31 @@ class RunResult:
     bad_rounds: List[int]              # rounds in which a check found something
     trace_ended: Optional[str] = None  # timed trace: how the replay ended (looped, stopped, ...)
     trace_late_s: Optional[float] = None  # timed trace: worst lateness of a vCPU behind the trace
+    # What users feel (kvmdirty.meter; seconds, pages, bytes/s).
+    dirty_rate: Optional[float] = None    # requested (bytes/s, whole guest); None: unpaced
+    achieved_rate: float = 0.0            # guest writes x 4 KiB per second the vCPUs ran
+    dirtied_rate: float = 0.0             # pages_dirtied x 4 KiB per second the vCPUs ran
+    guest_s: float = 0.0                  # seconds the vCPUs ran (all rounds)
+    stall_total_s: float = 0.0            # vCPU time lost to ring-full exits, all vCPUs
+    stall_exits: int = 0
+    stall_p50_s: Optional[float] = None   # per exit
+    stall_p99_s: Optional[float] = None
+    stall_max_s: Optional[float] = None
+    harvest_p50_s: Optional[float] = None  # per harvest: the design's calls (wall)
+    harvest_p99_s: Optional[float] = None
+    harvest_max_s: Optional[float] = None
+    pages_per_harvest_p50: Optional[float] = None
+    pages_per_harvest_max: Optional[float] = None
+    pages_dirtied: int = 0                # distinct pages per harvest, summed; INITIALLY_SET apart
+    entries_harvested: int = 0            # = pages_harvested: entries / bits as the design reported
+    duplicate_entries: int = 0            # entries naming a page already in the same harvest
+    initial_pages: int = 0                # clear-log: pages of the first harvest never written
+    initial_harvest_s: Optional[float] = None  # clear-log: that first harvest's wall time
+    age_p50_s: Optional[float] = None     # harvested page: first write -> end of its harvest
+    age_p99_s: Optional[float] = None
+    age_max_s: Optional[float] = None
+    age_known: int = 0
+    age_unknown: int = 0                  # pages whose dirtying write raced a harvest
 
     @property
     def ok(self) -> bool:
@@ -196,6 +245,18 @@ def ram_gfns(index: np.ndarray, memory: int) -> np.ndarray:
         return index
     low = np.uint64(ranges[0][1])
     return np.where(index >= low, index + np.uint64(ranges[1][0] - ranges[0][1]), index)
+
+
+def ram_index(gfns: np.ndarray, memory: int) -> np.ndarray:
+    """The RAM page indices of RAM gfns (the inverse of ``ram_gfns``), as int64."""
+    g = np.asarray(gfns)
+    # gfns are below 2**63: a uint64 array is viewed, not copied.
+    g = g.view(np.int64) if g.dtype == np.uint64 and g.flags.c_contiguous else g.astype(np.int64)
+    ranges = ram_ranges(memory)
+    if len(ranges) == 1:
+        return g
+    low, high = ranges[0][1], ranges[1][0]
+    return np.where(g >= high, g - (high - low), g)
 
 
 def layout(memory: int, nslots: int) -> List[Tuple[int, int, int]]:
@@ -237,10 +298,18 @@ def _open_vm(spec: RunSpec, collector: Collector):
 class Runner:
     """One run of a RunSpec; ``run()`` returns the RunResult."""
 
-    def __init__(self, spec: RunSpec, on_progress: Optional[Callable[[float], None]] = None) -> None:
+    def __init__(self, spec: RunSpec, on_progress: Optional[Callable[[float], None]] = None,
+                 clock: Callable[[], int] = time.perf_counter_ns) -> None:
         spec.validate()
         self.spec = spec
         self.on_progress = on_progress
+        #: every time the meter sees (integer ns); a test may drive it
+        self.clock = clock
+        # Paced runs: page writes per second per vCPU.
+        self.pace: Optional[List[float]] = None
+        if spec.dirty_rate is not None:
+            self.pace = [pages_per_s(spec.dirty_rate) / spec.vcpus] * spec.vcpus
+        self.guest_ns = 0
         self.rates = rates(spec.rate, spec.vcpus)
         top = max(self.rates)
         # Per-vCPU writes in proportion to its rate; the fastest does `writes`.
@@ -259,19 +328,34 @@ class Runner:
         self.current: List[Optional[list]] = [None] * spec.vcpus
 
     # -- the harvest: every caller goes through here --------------------
-    def harvest(self) -> None:
+    def harvest(self, exited_at: Optional[int] = None) -> int:
+        """Harvest every page logged so far (the design's calls, then the checks' copies).
+
+        A vCPU that exited ring-full at clock time ``exited_at`` gets back how
+        long it could not run: until this harvest's reset, less the time the
+        lock was held meanwhile for bookkeeping that is no part of a design.
+        """
         with self.lock:
+            meter = self.meter
             # CPU time of this thread: on an oversubscribed host the wall time
             # would also count the time the harvester waited for a CPU.
-            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+            c0 = time.thread_time_ns()
+            t0 = meter.harvest_begin()
             h = self.collector.harvest()
+            t1 = self.clock()
             self.tracking_ns += time.thread_time_ns() - c0
-            self.tracking_wall_ns += time.perf_counter_ns() - t0
+            self.tracking_wall_ns += t1 - t0
             self.calls += 1
             self.pages += sum(len(o) for o in h.values())
+            stalled = 0
+            if exited_at is not None:
+                stalled = t1 - exited_at - meter.held_within(exited_at, t0)
+            meter.harvest_end(t0, t1, h)
             # Copy while holding the lock, so an older harvest never overwrites a newer one.
             for c in self.checks:
                 c.absorb(h)
+            meter.held(t1, self.clock())
+        return stalled
 
     # -- setup ------------------------------------------------------------
     def _setup(self) -> None:
@@ -302,6 +386,12 @@ class Runner:
                     raise ValueError(f"this ring has no {knob!r} knob")
                 setattr(v.dirty_ring, knob, True)
         self.collector.attach(self.vm, self.slots, self.vcpus)
+        self.meter = Meter(
+            spec.memory // PAGE_SIZE,
+            {sid: int(ram_index(np.array([base]), spec.memory)[0]) for sid, base, _n in self.slots},
+            dedupe=spec.design in RING_DESIGNS,          # a page may be in two rings
+            initially_set=spec.design == "clear-log",
+            ages=spec.ages, clock=self.clock)
         self.budgets = "max_writes" in inspect.signature(self.vcpus[0].run).parameters
         self.per_write_values = spec.backend == "sim"
         if self.timed is None:
@@ -338,14 +428,18 @@ class Runner:
         """vCPU i's next ``n`` writes: (gfns, values)."""
         return ram_gfns(self.plans[i].take(n), self.spec.memory), self._values(i, n, rnd)
 
-    def _record(self, i: int, writes: int) -> None:
-        """Tell FinalValues the next ``writes`` writes of vCPU i's chunk were done."""
+    def _record(self, i: int, writes: int, token) -> None:
+        """The next ``writes`` writes of vCPU i's chunk were done by the run started at ``token``:
+        tell the meter and FinalValues."""
         cur = self.current[i]
-        if self.final is None or cur is None or writes == 0:
+        if cur is None or writes == 0:
             return
         gfns, values, done = cur
-        vals = values[done:done + writes] if isinstance(values, np.ndarray) else values
-        self.final.wrote(i, gfns[done:done + writes], vals)
+        written = gfns[done:done + writes]
+        self.meter.after_run(token, ram_index(written, self.spec.memory))
+        if self.final is not None:
+            vals = values[done:done + writes] if isinstance(values, np.ndarray) else values
+            self.final.wrote(i, written, vals)
         cur[2] = done + writes
 
     def _run_vcpu(self, i: int, gfns=None, value=None, budget: Optional[int] = None) -> int:
@@ -358,9 +452,10 @@ class Runner:
             self.current[i] = [gfns, value, 0]
         while True:
             kw = {"max_writes": left} if left is not None else {}
+            token = self.meter.before_run()
             ex = v.run(gfns, value, **kw) if first else v.run(**kw)
             first = False
-            self._record(i, ex.writes)
+            self._record(i, ex.writes, token)
             total += ex.writes
             self.done[i] += ex.writes
             if left is not None:
@@ -370,11 +465,12 @@ class Runner:
             if ex.reason == EXIT_BUDGET and left == 0:
                 return total
             if ex.reason in FULL_EXITS:
+                exited = self.clock()
                 self.full[i] += 1
                 idle = idle + 1 if ex.writes == 0 else 0
                 if idle > _MAX_IDLE_FULL_EXITS:
                     raise RuntimeError(f"vCPU {i} keeps exiting {ex.name} after harvests")
-                self.harvest()
+                self.meter.stalled(self.harvest(exited_at=exited))
                 if left == 0:
                     return total
                 continue
@@ -390,6 +486,19 @@ class Runner:
         self.timed.writes(i, lo, hi, stop,
                           lambda g: self._run_vcpu(i, ram_gfns(g, mem), self._values(i, len(g), rnd)))
 
+    def _paced_writes(self, i: int, quota: int, rnd: int, stop: threading.Event) -> None:
+        """vCPU i at its share of the dirty rate: batches as the token bucket allows."""
+        assert self.pace is not None
+        bucket = TokenBucket(self.pace[i], clock=self.clock)
+        while quota > 0 and not stop.is_set():
+            most = min(self.rates[i], quota)
+            n = bucket.take(most)
+            if n == 0:
+                stop.wait(bucket.wait_s(most))
+                continue
+            self._run_vcpu(i, *self._chunk(i, n, rnd))
+            quota -= n
+
     def _vcpu_thread(self, i: int, quota: int, rnd: int, stop: threading.Event,
                      finished: Callable[[], None]) -> None:
         try:
@@ -400,6 +509,9 @@ class Runner:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.spec.vcpu_nice)
             if self.timed is not None:
                 self._timed_writes(i, rnd, stop)
+            elif self.pace is not None:
+                self._paced_writes(i, quota, rnd, stop)
+                quota = 0
             while self.timed is None and quota > 0 and not stop.is_set():
                 n = min(self.rates[i], quota)
                 self._run_vcpu(i, *self._chunk(i, n, rnd))
@@ -423,18 +535,33 @@ class Runner:
 
         threads = [threading.Thread(target=self._vcpu_thread, args=(i, q, rnd, stop, finished),
                                     name=f"vcpu{i}", daemon=True) for i, q in enumerate(quotas)]
+        interval = self.spec.interval
+        g0 = time.perf_counter_ns()
         for t in threads:
             t.start()
         try:
-            while not all_done.wait(self.spec.interval):
-                self.harvest()
-                self._progress(deadline)
-                if deadline is not None and time.perf_counter() >= deadline:
+            # Harvest an interval after the end of the last harvest (the reaper sleeps
+            # between reaps, as QEMU's does); stop at the deadline even when it comes first.
+            last = time.perf_counter()
+            while True:
+                now = time.perf_counter()
+                wait = last + interval - now
+                if deadline is not None and not stop.is_set():
+                    wait = min(wait, deadline - now)
+                if all_done.wait(max(0.0, wait)):
+                    break
+                now = time.perf_counter()
+                if now >= last + interval:
+                    self.harvest()
+                    self._progress(deadline)
+                    last = time.perf_counter()
+                if deadline is not None and now >= deadline:
                     stop.set()
         finally:
             stop.set()
             for t in threads:
                 t.join()
+            self.guest_ns += time.perf_counter_ns() - g0
         if self.errors:
             raise self.errors[0]
 
@@ -494,6 +621,12 @@ class Runner:
                 saved = os.sched_getaffinity(0)
                 os.sched_setaffinity(0, spec.cpus)
             self._rounds_done = 0
+            if self.meter.initially_set:
+                # INITIALLY_SET: the log starts all ones and nothing is protected.  Take that
+                # first harvest (every page: GET, then CLEAR protects them all) before the guest
+                # runs, as a migration's first sync does, so it is counted apart exactly and the
+                # guest then runs against armed tracking, as it will from there on.
+                self.harvest()
             t0 = time.perf_counter()
             for rnd in range(1, spec.rounds + 1):
                 quotas = [q * rnd // spec.rounds - q * (rnd - 1) // spec.rounds for q in self.quota]
@@ -504,7 +637,9 @@ class Runner:
                         quotas = [1 << 62] * spec.vcpus
                     self._round_threads(quotas, rnd, deadline)
                 else:
+                    g0 = time.perf_counter_ns()
                     self._round_deterministic(quotas, rnd)
+                    self.guest_ns += time.perf_counter_ns() - g0
                 # vCPUs stopped: drain everything logged in the round.
                 self.harvest()
                 for c in self.checks:
@@ -533,6 +668,8 @@ class Runner:
                 problems.append(f"{c.name}: {c.bogus} harvested entries name no page of any slot")
                 break
         lost = [str(x) for c in self.checks for x in c.details]
+        m = self.meter.stats()
+        guest_s = self.guest_ns / 1e9
         return RunResult(
             design=spec.design, mode=spec.mode, backend=spec.backend, vcpus=spec.vcpus,
             memory=spec.memory, pattern=spec.workload.describe(),
@@ -540,7 +677,9 @@ class Runner:
             wp_faults=int(stats["faults"]) if stats and "faults" in stats else None,
             pages_harvested=self.pages, harvest_calls=self.calls, full_exits=sum(self.full),
             tracking_s=self.tracking_ns / 1e9,
-            tracking_ns_per_page=self.tracking_ns / self.pages if self.pages else None,
+            # Per page the guest dirtied: clear-log's INITIALLY_SET pages are not dirty pages.
+            tracking_ns_per_page=(self.tracking_ns / self.meter.pages_dirtied
+                                  if self.meter.pages_dirtied else None),
             tracking_wall_s=self.tracking_wall_ns / 1e9,
             elapsed_s=elapsed, writes_per_s=writes / elapsed if elapsed > 0 else 0.0,
             check=spec.check,
@@ -550,7 +689,26 @@ class Runner:
             lost=lost, problems=problems,
             bad_rounds=sorted({r for c in self.checks for r in c.bad_rounds}),
             trace_ended=self.timed.ended if self.timed else None,
-            trace_late_s=max(self.timed.late_s) if self.timed else None)
+            trace_late_s=max(self.timed.late_s) if self.timed else None,
+            dirty_rate=spec.dirty_rate,
+            achieved_rate=writes * PAGE_SIZE / guest_s if guest_s > 0 else 0.0,
+            dirtied_rate=self.meter.pages_dirtied * PAGE_SIZE / guest_s if guest_s > 0 else 0.0,
+            guest_s=guest_s, **m)
+
+
+def preflight(spec: RunSpec) -> None:
+    """Check ``spec`` and set its design up on a VM with no memory, then close it.
+
+    A design's own limits (a ring size it refuses, a backend it does not
+    run on) fail here, before any run of a long grid.
+    """
+    spec.validate()
+    collector = make_collector(spec.design, spec.ring_entries)
+    vm = _open_vm(spec, collector)
+    try:
+        collector.configure(vm)
+    finally:
+        vm.close()
 
 
 def run(spec: RunSpec, on_progress: Optional[Callable[[float], None]] = None) -> RunResult:

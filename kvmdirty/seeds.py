@@ -234,7 +234,7 @@ class SharedRingDesign(_RingDesign):
         return out
 
 
-# _enter's default: the call is for every logged slot (harvest), not one.
+#: ``_enter``'s default: the call is about every slot (a harvest), not one.
 _EVERY_SLOT = object()
 
 
@@ -289,12 +289,11 @@ class _BitmapDesign:
         self._npages.pop(sid, None)
 
     def _enter(self, ioctl: str, slot: object = _EVERY_SLOT) -> None:
-        """Refuse a closed VM, then a bad slot: every per-slot call passes its
-        slot, None included, so None is refused like any non-integer."""
         _check_open(self.vm, ioctl)
         if slot is _EVERY_SLOT:
             return
-        validate.u32(slot, "slot")      # None / bool / float slots are refused, as by every ioctl
+        # None is a bad slot like any other (it was taken for "every slot": a KeyError).
+        slot = validate.u32(slot, "slot")   # bool / float / None slots are refused, as by every ioctl
         if slot not in self._active:
             raise KvmError(errno.ENOENT, ioctl, f"slot {slot:#x} is not logging")
 
@@ -391,7 +390,7 @@ class SwitchedBitmapUserDesign(_BitmapDesign):
 
         User space's own buffer: readable after close() too.
         """
-        validate.u32(slot, "slot")
+        slot = validate.u32(slot, "slot")
         if slot not in self._active:
             raise KvmError(errno.ENOENT, "retired", f"slot {slot:#x} is not logging")
         r = self._other.get(slot)

@@ -1,8 +1,9 @@
 """Parsing and printing sizes (binary) and rates (decimal; lower-case b = bits)."""
 from __future__ import annotations
 
+import math
 import re
-from typing import Callable, List, TypeVar
+from typing import Callable, List, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -33,7 +34,35 @@ def parse_rate(text: str) -> float:
     p = _POW.index(m.group(2).lower() or "_")
     mult = (1 << (10 * p)) if m.group(3) else 10 ** (3 * p)
     v = float(m.group(1)) * mult
+    if not math.isfinite(v):
+        raise ValueError(f"rate {text!r} is too large")
     return v / 8 if m.group(4) == "b" else v
+
+
+#: The suffixes of a per-vCPU dirty rate ("200M/vcpu"); without one a rate is the guest's.
+PER_VCPU_SUFFIXES = ("/vcpu", "/vCPU", "per-vcpu", "/cpu")
+
+
+def parse_dirty_rate(text: str) -> Tuple[float, bool]:
+    """'800M' -> (800e6, False): bytes/s for the whole guest; '200M/vcpu' -> (200e6, True): per vCPU.
+
+    A guest write dirties one 4 KiB page, so R bytes/s is R / 4096 page writes
+    per second (as ``kvmdirty migrate --dirty-rate``).  Must be finite and > 0.
+    """
+    t = str(text).strip()
+    per_vcpu = False
+    low = t.lower()
+    for suffix in PER_VCPU_SUFFIXES:
+        if low.endswith(suffix.lower()):
+            t, per_vcpu = t[: -len(suffix)].strip(), True
+            break
+    try:
+        v = parse_rate(t)
+    except ValueError:
+        raise ValueError(f"not a dirty rate: {text!r} (try 800M for the guest, 200M/vcpu per vCPU)") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"a dirty rate must be > 0, got {text!r}")
+    return v, per_vcpu
 
 
 def parse_list(text: str, one: Callable[[str], T]) -> List[T]:

@@ -149,8 +149,8 @@ class Harness:
         if vm.design is not None:
             for sid, offs in vm.design.harvest().items():
                 self.copy(sid, offs)
-            # The design's harvest also reset (re-protected) whatever a direct
-            # collect / fetch took before it: those pages can be copied now.
+            # The design's harvest resets every entry collected so far, those a 'collect' /
+            # 'fetch' op took earlier included: they are re-protected now, copy them too.
             self.after_reset()
             return
         if vm.dirty_ring_size:

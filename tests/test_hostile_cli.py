@@ -20,7 +20,8 @@ from test_cli import PKG_PARENT, kvmdirty
 from kvm_util import KVM_UNUSABLE
 
 from kvmdirty.cli import EXIT_BROKEN_PIPE
-from kvmdirty.compare import to_json_text
+from kvmdirty.compare import compare_grid, to_json_text
+from kvmdirty.comparegrid import Knobs
 from kvmdirty.runner import RunResult, RunSpec
 
 SMALL = ["compare", "--memory", "8M", "--vcpus", "1", "--designs", "bitmap"]
@@ -152,7 +153,9 @@ def test_json_is_strict_even_with_non_finite_numbers():
                   full_exits=0, tracking_s=math.nan, tracking_ns_per_page=math.inf,
                   tracking_wall_s=-math.inf, elapsed_s=0.0, writes_per_s=math.nan, check="shadow",
                   lost_pages=0, violations=None, unwritten_pages=0, lost=[], problems=[], bad_rounds=[])
-    text = to_json_text([r], RunSpec(memory=4096, vcpus=1))
+    knobs = Knobs(["bitmap"], [4096], [1])
+    text = to_json_text(compare_grid(RunSpec(memory=4096, vcpus=1), knobs,
+                                     runner=lambda spec, on_progress=None: r))
 
     def refuse(name):
         raise AssertionError(f"non-JSON constant {name}")

@@ -173,8 +173,8 @@ def _run_migrate(args: argparse.Namespace) -> int:
             c, epoch=args.epoch, epoch_pages=args.epoch_pages, checkpoints=args.checkpoints), costs)
             for c in cfgs]
         if args.json:
-            json.dump({"costs": costs.to_json(), "results": [r.to_json() for r in results]},
-                      sys.stdout, indent=2)
+            json.dump(dict(_envelope(args, cfgs), costs=costs.to_json(),
+                           results=[r.to_json() for r in results]), sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
             print(format_checkpoints(results))
@@ -189,8 +189,8 @@ def _run_migrate(args: argparse.Namespace) -> int:
                   f"over {fmt_rate(c.bandwidth)} ...", file=sys.stderr, flush=True)
         results.append(run(c, costs))
     if args.json:
-        json.dump({"scenario": args.scenario, "costs": costs.to_json(),
-                   "results": [r.to_json() for r in results]}, sys.stdout, indent=2)
+        json.dump(dict(_envelope(args, cfgs), costs=costs.to_json(),
+                       results=[r.to_json() for r in results]), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         if args.scenario:
@@ -211,6 +211,24 @@ def _run_migrate(args: argparse.Namespace) -> int:
         print(f"kvmdirty migrate: {r.design}: destination differs from source at gfns "
               f"{r.mismatched_gfns[:16]}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _envelope(args: argparse.Namespace, cfgs: List[MigrationConfig]) -> Dict[str, Any]:
+    """The JSON keys migrate shares with compare (kvmdirty.runinfo): schema, meta, scenario."""
+    import dataclasses
+
+    from ..runinfo import envelope, scenario
+    params = dataclasses.asdict(cfgs[0])
+    params.pop("design")
+    lists = {"designs": list(dict.fromkeys(c.design for c in cfgs))}
+    for k in ("memory", "dirty_rate", "bandwidth", "ring_entries"):
+        lists[k] = list(dict.fromkeys(getattr(c, k) for c in cfgs))
+    swept = [k for k, v in lists.items() if len(v) > 1 and k != "designs"]
+    for k, v in lists.items():
+        params[k] = v if (len(v) > 1 or k == "designs") else v[0]
+    params["mode"] = args.mode
+    about = SCENARIOS[args.scenario]["about"] if args.scenario else None
+    return envelope("migrate", "sim", "virtual", scenario(params, swept, name=args.scenario, about=about))
 
 
 def format_summary(results) -> str:

@@ -121,9 +121,9 @@ def _report(args: argparse.Namespace, results: str, spec: Optional[Spec]) -> Non
 
 
 def _print_summary(summary, plot_path: Optional[str], show) -> None:
-    from rich.console import Console
+    from ..console import stdout_console
     from rich.table import Table
-    con = Console()
+    con = stdout_console()     # a closed stdout: exit 141, as every command
     goal = f"{'highest' if summary.maximise else 'lowest'} {summary.objective}"
     if summary.constraints:
         goal += f" subject to {', '.join(summary.constraints)}"

@@ -102,6 +102,7 @@ class CompareCommand(Command):
 
     name = "compare"
     objective = "tracking_s"
+    rates = ("dirty_rate",)
 
     def __init__(self) -> None:
         from ..collectors import all_designs
@@ -123,6 +124,7 @@ class CompareCommand(Command):
             "writes": _int,
             "duration": lambda n, v: _float(n, v),
             "rate": _int,
+            "dirty_rate": _rate,                                  # bytes/s, whole guest (paced)
             "ring_entries": _int,
             "interval": lambda n, v: _float(n, v),
             "period": _int,
@@ -136,7 +138,8 @@ class CompareCommand(Command):
         out = super().normalize(options)
         if "design" not in out:
             raise ValueError("compare cells need a design (fixed or an axis)")
-        if out["design"] != "ring":
+        from ..collectors import RING_DESIGNS
+        if out["design"] not in RING_DESIGNS:      # a ring size sizes only a ring
             out.pop("ring_entries", None)
         if "trace" in out:
             out["pattern"] = "trace"          # a trace file is its own pattern
