@@ -104,7 +104,11 @@ _CLOSE_RACE = """
     from kvmdirty import _bitmap
     N = 1 << 19
     closed = refused = 0
-    for k in range({rounds}):
+    k = 0
+    # {rounds} rounds, and more (up to 10x) until a close was refused at least
+    # once: how often the closer lands inside the loop depends on the machine.
+    while k < {rounds} or (refused == 0 and k < 10 * {rounds}):
+        k += 1
         mm = mmap.mmap(-1, N * 8)
         mm.write(bytes([255]) * (N * 8))
         mv = memoryview(mm).cast('Q')
@@ -115,7 +119,7 @@ _CLOSE_RACE = """
             go.wait()
             # Staggered starts: some rounds close before the call, some while its loop runs
             # (argument set-up takes longer under a sanitizer).
-            time.sleep((k % 8) * 0.0005)
+            time.sleep((k % 8) * 0.0002)
             while True:                   # keep trying until the loop lets go
                 try:
                     mv.release()          # the caller's own export ...
