@@ -6,7 +6,9 @@ except ImportError as e:  # pragma: no cover - a source checkout that was never 
         "kvmdirty's compiled core is missing: install the package with `pip install .` "
         "(or `pip install -e .`) instead of importing it from a source tree") from e
 
-from ._bitmap import DirtyBitmap
+from ._bitmap import DirtyBitmap, clear_masked, harvest, harvest_gfns, popcount, to_gfns
+from ._ring import DirtyRing
+from ._uapi import MEM_LOG_DIRTY_PAGES
 from .api import EXIT_BUDGET, EXIT_DIRTY_LOG_FULL, EXIT_DIRTY_RING_FULL, EXIT_HLT, Exit
 from .errors import KvmError
 from .kvm import KvmVcpu, KvmVM, open_vm
@@ -17,4 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "VM", "Vcpu", "KvmVM", "KvmVcpu", "open_vm", "KvmError", "DirtyBitmap", "Exit", "FAULTS",
     "EXIT_HLT", "EXIT_DIRTY_RING_FULL", "EXIT_BUDGET", "EXIT_DIRTY_LOG_FULL",
+    "to_gfns", "harvest", "harvest_gfns", "clear_masked", "popcount", "DirtyRing",
+    "MEM_LOG_DIRTY_PAGES",
 ]
